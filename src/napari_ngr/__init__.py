@@ -1,0 +1,17 @@
+"""napari-ngr: zero-shot image restoration with the Neural Gradient Regularizer (NGR).
+
+Qt-free core: ``inpaint`` and ``denoise`` work on NumPy arrays; the napari widget and the
+command line drive the same :class:`RestorationJob` loop.
+"""
+
+from ._device import available_devices, resolve_device
+from ._version import __version__
+from .api import (DEFAULTS, RestorationJob, RestorationResult, denoise, estimate_memory, inpaint,
+                  prepare_denoise, prepare_inpaint)
+from .solver import Progress, SolverOptions
+
+__all__ = [
+    "__version__", "inpaint", "denoise", "prepare_inpaint", "prepare_denoise", "RestorationJob",
+    "RestorationResult", "Progress", "SolverOptions", "DEFAULTS", "available_devices", "resolve_device",
+    "estimate_memory",
+]

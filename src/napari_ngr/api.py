@@ -1,0 +1,389 @@
+"""Public functions: :func:`inpaint`, :func:`denoise` and the jobs underneath them."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from ._device import resolve_device
+from ._layout import Layout, resolve_layout
+from .operators import Denoising, Inpainting, Operator
+from .solver import Progress, Restoration, SolverOptions
+
+__all__ = ["inpaint", "denoise", "prepare_inpaint", "prepare_denoise", "RestorationJob",
+           "RestorationResult", "DEFAULTS", "estimate_memory"]
+
+#: Task defaults (normalized [0, 1] intensities). Tuned on the method, not on one image:
+#: see ``benchmarks/quality.py`` and the README.
+DEFAULTS = {
+    "inpaint": dict(iterations=400, spatial_weight=1.0, channel_weight=0.5, stack_weight=2.0,
+                    options=dict(mu=1.0, holdout=0.03, check_every=10, patience=8)),
+    "denoise": dict(iterations=300, spatial_weight=1.0, channel_weight=0.5, stack_weight=2.0,
+                    options=dict(mu=1.0, ema=0.9, holdout=0.0, data_weight=0.01)),
+}
+
+
+@dataclass
+class RestorationResult:
+    """What a finished (or cancelled) restoration returns.
+
+    Attributes
+    ----------
+    image : ndarray, float32
+        The restored image, input's shape and intensity units.
+    gradients : dict of str to ndarray
+        Forward-difference gradient maps of ``image`` along each regularized axis
+        (``"y"``, ``"x"``, and ``"c"``, ``"z"`` or ``"t"`` when present), each the input's shape.
+    iteration : int
+        Iterations run.
+    best_iteration : int
+        The iteration whose estimate was returned.
+    stop_reason : str
+        Why the loop ended ("iteration budget reached", "validation error stopped improving",
+        "cancelled", ...).
+    sigma : float or None
+        For denoising, the noise level used (input units).
+    history : list of dict
+        The progress records without previews.
+    """
+
+    image: np.ndarray
+    gradients: dict
+    iteration: int
+    best_iteration: int
+    stop_reason: str
+    sigma: float | None = None
+    history: list = field(default_factory=list)
+
+
+def _check_image(image) -> np.ndarray:
+    a = np.asarray(image)
+    if a.dtype == object or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)
+                                 or a.dtype == bool):
+        raise ValueError(f"image must be a real numeric array, got dtype {a.dtype}")
+    if a.size == 0:
+        raise ValueError(f"image is empty (shape {a.shape})")
+    if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+        raise ValueError("image contains NaN or inf values; replace them (or mark them in the mask) first")
+    return a
+
+
+class _Scaler:
+    """Maps intensities to about [0, 1] (robust percentiles of the observed values) and back."""
+
+    def __init__(self, a: np.ndarray, valid: np.ndarray | None):
+        vals = a[valid] if valid is not None else a
+        vals = vals.astype(np.float64).ravel()
+        if vals.size > 2_000_000:
+            vals = vals[:: vals.size // 1_000_000]
+        lo, hi = np.percentile(vals, [0.1, 99.9]) if vals.size else (0.0, 1.0)
+        if not hi > lo:
+            lo, hi = float(vals.min(initial=0.0)), float(vals.max(initial=1.0))
+        if not hi > lo:
+            hi = lo + 1.0
+        self.lo, self.scale = float(lo), float(hi - lo)
+        self.dtype = a.dtype
+
+    def forward(self, a):
+        return ((a.astype(np.float32) - np.float32(self.lo)) / np.float32(self.scale)).astype(np.float32)
+
+    def back(self, t: np.ndarray, offset: bool = True) -> np.ndarray:
+        out = t.astype(np.float32) * np.float32(self.scale)
+        if offset:
+            out += np.float32(self.lo)
+            if np.issubdtype(self.dtype, np.integer):
+                info = np.iinfo(self.dtype)
+                np.clip(out, info.min, info.max, out=out)
+        return out
+
+
+class RestorationJob:
+    """A prepared restoration: iterate it (for progress, previews and cancel) or run it.
+
+    Made by :func:`prepare_inpaint` or :func:`prepare_denoise`. The widget and the command
+    line drive the same object as :func:`inpaint` and :func:`denoise`.
+
+    Examples
+    --------
+    >>> job = prepare_inpaint(image, mask, iterations=50)          # doctest: +SKIP
+    >>> for rec in job.iterate():                                  # doctest: +SKIP
+    ...     print(rec.iteration, rec.total, rec.loss)
+    ...     if want_to_stop: break                                 # cancel: best so far is kept
+    >>> result = job.result()                                      # doctest: +SKIP
+    """
+
+    def __init__(self, restoration: Restoration, layout: Layout, scaler: _Scaler, *, sigma=None):
+        self._r = restoration
+        self.layout = layout
+        self.scaler = scaler
+        self.sigma = sigma
+        self._cancelled = False
+        self._r.to_user = self._to_user
+
+    # progress --------------------------------------------------------------------------
+    @property
+    def total(self) -> int:
+        return int(self._r.opt.iterations)
+
+    @property
+    def axis_names(self) -> list[str]:
+        """Regularized axes, in the order of the returned gradients (e.g. ``["c", "y", "x"]``)."""
+        return list(self._r.dims)
+
+    @property
+    def device(self) -> torch.device:
+        return self._r.device
+
+    def _to_user(self, t: torch.Tensor, offset: bool = True) -> np.ndarray:
+        return self.layout.to_user(self.scaler.back(t.detach().float().cpu().numpy(), offset))
+
+    def iterate(self) -> Iterator[Progress]:
+        """Yield one :class:`~napari_ngr.solver.Progress` per iteration (with ``preview`` every k).
+
+        Closing the generator early counts as a cancel: :meth:`result` returns the best estimate
+        so far and ``stop_reason == "cancelled"``.
+        """
+        finished = False
+        try:
+            for rec in self._r.iterate():
+                yield rec
+            finished = True
+        finally:
+            if not finished:
+                self._cancelled = True
+
+    def run(self, callback: Callable | None = None) -> RestorationResult:
+        for rec in self.iterate():
+            if callback is not None:
+                callback(rec)
+        return self.result()
+
+    def result(self) -> RestorationResult:
+        """The restored image and gradient maps (the best estimate so far if cancelled)."""
+        r = self._r
+        with torch.no_grad():
+            image = self._to_user(r.estimate())
+            grads = {k: self._to_user(v, offset=False) for k, v in r.gradients().items()}
+        reason = "cancelled" if self._cancelled else r.state.stop_reason
+        return RestorationResult(image, grads, r.state.iteration, r.state.best_iteration, reason,
+                                 self.sigma, list(r.state.history))
+
+
+def _axes_weights(layout: Layout, spatial_weight, channel_weight, stack_weight) -> dict:
+    out = {}
+    for name, dim in layout.axis_names().items():
+        w = {"y": spatial_weight, "x": spatial_weight, "c": channel_weight}.get(name, stack_weight)
+        if w is None or not np.isfinite(w) or w < 0:
+            raise ValueError(f"the weight of axis {name!r} must be a finite number >= 0, got {w!r}")
+        out[name] = (dim, float(w))
+    return out
+
+
+def _options(task: str, iterations, seed, extra: dict) -> SolverOptions:
+    d = DEFAULTS[task]
+    opts = dict(d["options"])
+    opts.pop("data_weight", None)
+    unknown = set(extra) - set(SolverOptions.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    opts.update(extra)
+    it = d["iterations"] if iterations is None else iterations
+    if int(it) != it or it < 1:
+        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+    opts["iterations"] = int(it)
+    opts["seed"] = int(seed)
+    return SolverOptions(**opts)
+
+
+def _weights_or_default(task, spatial_weight, channel_weight, stack_weight):
+    d = DEFAULTS[task]
+    return (d["spatial_weight"] if spatial_weight is None else spatial_weight,
+            d["channel_weight"] if channel_weight is None else channel_weight,
+            d["stack_weight"] if stack_weight is None else stack_weight)
+
+
+def prepare_inpaint(image, mask, *, channel_axis=None, axes=None, iterations=None, spatial_weight=None,
+                    channel_weight=None, stack_weight=None, seed=0, device=None, preview_every=0,
+                    **options) -> RestorationJob:
+    """Prepare :func:`inpaint` without running it; see :func:`inpaint` for the parameters."""
+    a = _check_image(image)
+    layout = resolve_layout(a.shape, channel_axis, axes)
+    m = np.asarray(mask)
+    if m.dtype == object:
+        raise ValueError("mask must be a boolean or numeric array")
+    missing = layout.mask_to_internal(m != 0)
+    missing = np.broadcast_to(missing, layout.internal_shape)
+    n_missing = int(missing.sum())
+    if n_missing == 0:
+        raise ValueError("mask marks no entry as missing (nonzero = missing): nothing to inpaint")
+    if n_missing == missing.size:
+        raise ValueError("mask marks every entry as missing: there is nothing to inpaint from")
+    if (~missing).reshape(missing.shape[0] * missing.shape[1], -1).any(axis=1).sum() == 0:
+        raise ValueError("mask leaves no observed entry")
+    dev = resolve_device(device)
+    internal = layout.to_internal(a)
+    scaler = _Scaler(internal, ~missing)
+    y = np.where(missing, 0.0, scaler.forward(internal)).astype(np.float32)
+    opt = _options("inpaint", iterations, seed, options)
+    weights = _axes_weights(layout, *_weights_or_default("inpaint", spatial_weight, channel_weight, stack_weight))
+    op = Inpainting(torch.from_numpy(y).to(dev), torch.from_numpy(~missing).to(dev))
+    r = Restoration(op, weights, opt, device=dev, preview_every=preview_every)
+    return RestorationJob(r, layout, scaler)
+
+
+def inpaint(image, mask, *, channel_axis=None, axes=None, iterations=None, spatial_weight=None,
+            channel_weight=None, stack_weight=None, seed=0, device=None, callback=None,
+            return_gradients=False, **options):
+    """Fill missing entries of an image or stack with the Neural Gradient Regularizer.
+
+    Parameters
+    ----------
+    image : (Y, X), (Y, X, C), (C, Y, X), (Z, Y, X) or (T, C, Y, X) ndarray
+        Any real dtype. Values at missing entries are ignored.
+    mask : ndarray
+        Nonzero (True) where the image is missing, as in
+        :func:`skimage.restoration.inpaint_biharmonic` and as painted in a napari Labels layer.
+        Shape: the image's, the image's without the channel axis (same mask on every channel),
+        or (Y, X) (same mask on every plane of a stack).
+    channel_axis : int, optional
+        Axis of the channels (colours, bands). ``None``: no channel axis.
+    axes : str, optional
+        Explicit axis letters from ``TZCYX`` (e.g. ``"TCYX"``, ``"ZYX"``, ``"YXC"``). Default:
+        2-D is ``YX``, 3-D without ``channel_axis`` is ``ZYX``, 4-D needs ``channel_axis``
+        and its other leading axis is ``T``.
+    iterations : int, optional
+        Iteration budget (default ``DEFAULTS["inpaint"]["iterations"]``). The loop may stop
+        earlier (see Notes).
+    spatial_weight, channel_weight, stack_weight : float, optional
+        The penalty weights lambda of the Y/X gradients, of the channel gradient and of the
+        Z/T gradient. Defaults are in ``napari_ngr.DEFAULTS``.
+    seed : int
+        Seeds the network, its random input and the validation split: the same seed gives the
+        same output on the same device.
+    device : {None, "auto", "cpu", "cuda", "mps"}
+        ``None``/``"auto"``: CUDA when present, else MPS, else CPU.
+    callback : callable, optional
+        Called with a :class:`~napari_ngr.solver.Progress` record after every iteration.
+    return_gradients : bool
+        Also return the per-axis gradient maps of the result.
+    **options
+        Advanced solver options (:class:`~napari_ngr.solver.SolverOptions`), e.g. ``channels``.
+
+    Returns
+    -------
+    restored : ndarray of float32
+        The input's shape, in the input's intensity units (integer inputs are clipped to their
+        dtype's range). Observed entries are returned unchanged.
+    gradients : dict of str to ndarray
+        Only with ``return_gradients=True``: ``{"y": ..., "x": ..., ["c"|"z"|"t"]: ...}``.
+
+    Raises
+    ------
+    ValueError
+        For NaN/inf in the image, a mask that does not broadcast, an empty or all-missing mask,
+        a bad ``channel_axis``, 1-D or empty input, or an unavailable device.
+
+    Notes
+    -----
+    Stopping without ground truth: 3 % of the observed entries are held back from the data term;
+    every 10 iterations their reconstruction error is measured, the iterate with the lowest error
+    is returned, and the loop stops after 8 checks without improvement. ``result.best_iteration``
+    (from :func:`prepare_inpaint`) reports the iteration chosen.
+    """
+    job = prepare_inpaint(image, mask, channel_axis=channel_axis, axes=axes, iterations=iterations,
+                          spatial_weight=spatial_weight, channel_weight=channel_weight,
+                          stack_weight=stack_weight, seed=seed, device=device, **options)
+    res = job.run(callback)
+    return (res.image, res.gradients) if return_gradients else res.image
+
+
+def _estimate_sigma_normalized(y: np.ndarray) -> float:
+    """Median over planes of :func:`skimage.restoration.estimate_sigma` (wavelet MAD)."""
+    from skimage.restoration import estimate_sigma
+
+    planes = y.reshape(-1, *y.shape[-2:])
+    idx = np.linspace(0, len(planes) - 1, min(len(planes), 16)).round().astype(int)
+    return float(np.median([estimate_sigma(planes[i].astype(np.float64)) for i in idx]))
+
+
+def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, iterations=None, spatial_weight=None,
+                    channel_weight=None, stack_weight=None, seed=0, device=None, preview_every=0,
+                    data_weight=None, **options) -> RestorationJob:
+    """Prepare :func:`denoise` without running it; see :func:`denoise` for the parameters."""
+    a = _check_image(image)
+    layout = resolve_layout(a.shape, channel_axis, axes)
+    dev = resolve_device(device)
+    internal = layout.to_internal(a)
+    scaler = _Scaler(internal, None)
+    y = scaler.forward(internal)
+    if sigma is None:
+        s = _estimate_sigma_normalized(y)
+    else:
+        if not np.isfinite(sigma) or sigma <= 0:
+            raise ValueError(f"sigma must be a positive number (input units) or None, got {sigma!r}")
+        s = float(sigma) / scaler.scale
+    s = max(s, 1e-3)
+    opt = _options("denoise", iterations, seed, options)
+    weights = _axes_weights(layout, *_weights_or_default("denoise", spatial_weight, channel_weight, stack_weight))
+    dw = DEFAULTS["denoise"]["options"]["data_weight"] if data_weight is None else float(data_weight)
+    op = Denoising(torch.from_numpy(y).to(dev), s, weight=dw)
+    r = Restoration(op, weights, opt, device=dev, preview_every=preview_every)
+    return RestorationJob(r, layout, scaler, sigma=s * scaler.scale)
+
+
+def denoise(image, *, channel_axis=None, axes=None, sigma=None, iterations=None, spatial_weight=None,
+            channel_weight=None, stack_weight=None, seed=0, device=None, callback=None,
+            return_gradients=False, **options):
+    """Remove additive Gaussian noise with the Neural Gradient Regularizer.
+
+    Parameters
+    ----------
+    image : ndarray
+        As in :func:`inpaint`.
+    sigma : float, optional
+        Noise standard deviation in the image's units. ``None`` estimates it: the median over
+        (up to 16) planes of :func:`skimage.restoration.estimate_sigma` (wavelet-domain MAD).
+    channel_axis, axes, iterations, spatial_weight, channel_weight, stack_weight, seed, device, callback, return_gradients, **options
+        As in :func:`inpaint`.
+
+    Returns
+    -------
+    restored : ndarray of float32
+        The input's shape and units.
+    gradients : dict of str to ndarray
+        Only with ``return_gradients=True``.
+
+    Notes
+    -----
+    The returned image is an exponential moving average of the iterates over a fixed budget
+    (no ground truth involved).
+    """
+    job = prepare_denoise(image, channel_axis=channel_axis, axes=axes, sigma=sigma, iterations=iterations,
+                          spatial_weight=spatial_weight, channel_weight=channel_weight, stack_weight=stack_weight,
+                          seed=seed, device=device, **options)
+    res = job.run(callback)
+    return (res.image, res.gradients) if return_gradients else res.image
+
+
+def estimate_memory(shape, *, channel_axis=None, axes=None, channels=None, levels=None) -> int:
+    """Rough peak memory in bytes of one restoration of an array of ``shape`` (float32).
+
+    Counts the solver's state (about 14 image-sized buffers plus three per regularized axis, DCT
+    work space) and the network's activations and gradients. Used by the command line to refuse
+    jobs that cannot fit.
+    """
+    layout = resolve_layout(shape, channel_axis, axes)
+    S, C, H, W = layout.internal_shape
+    n_axes = len(layout.axis_names())
+    planes = S * C
+    ch = channels or SolverOptions.channels
+    lv = levels or SolverOptions.levels
+    image = planes * H * W * 4
+    state = image * (14 + 3 * n_axes)
+    act_per_level = ch * H * W * 4 * 14
+    net = sum(act_per_level / 4 ** i for i in range(lv + 1)) + planes * n_axes * H * W * 4 * 3
+    return int(state + net + 200e6)

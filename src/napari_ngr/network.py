@@ -1,0 +1,92 @@
+"""The gradient network f_Theta: an untrained U-Net that outputs one gradient map per axis.
+
+The reference code fits three independent 2.2M-parameter DIP "skip" U-Nets, one per axis.
+Here one U-Net trunk is shared and a 1x1 head per regularized axis reads it out: the
+gradient maps of one image along different axes share their edges, so one trunk learns
+them together for a third of the cost (``benchmarks/network_ablation.py`` measures it).
+Planes of the stack (channels, bands, Z slices, frames) enter as convolution channels, as
+in the reference; the spatial size is reflect-padded to a multiple of ``2**levels`` and
+cropped back, so any size works (the reference fails below 33 px).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+__all__ = ["GradientNet"]
+
+
+def _block(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+    pad = (k - 1) // 2
+    layers = []
+    if pad:
+        layers.append(nn.ReflectionPad2d(pad))
+    layers += [nn.Conv2d(cin, cout, k, stride=stride), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class GradientNet(nn.Module):
+    """Shared U-Net trunk with one linear 1x1 head per regularized axis.
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels of the fixed random input code.
+    planes : int
+        Number of planes (channels x stack) of the image; each head outputs this many maps.
+    n_axes : int
+        Number of regularized axes (heads).
+    channels : int
+        Width of the trunk.
+    levels : int
+        Number of down/up-sampling levels.
+    skip_channels : int
+        Width of the skip connections.
+    """
+
+    def __init__(self, in_channels: int, planes: int, n_axes: int, *, channels: int = 48,
+                 levels: int = 4, skip_channels: int = 8):
+        super().__init__()
+        self.levels = levels
+        self.planes = planes
+        self.n_axes = n_axes
+        self.stem = _block(in_channels, channels)
+        self.down = nn.ModuleList()
+        self.skip = nn.ModuleList()
+        self.up = nn.ModuleList()
+        for _ in range(levels):
+            self.skip.append(_block(channels, skip_channels, k=1))
+            self.down.append(nn.Sequential(_block(channels, channels, stride=2), _block(channels, channels)))
+            self.up.append(nn.Sequential(nn.BatchNorm2d(channels + skip_channels),
+                                         _block(channels + skip_channels, channels),
+                                         _block(channels, channels, k=1)))
+        self.head = nn.Conv2d(channels, planes * n_axes, 1)
+        with torch.no_grad():  # start near zero gradients: a flat image is the neutral guess
+            self.head.weight.mul_(0.1)
+            self.head.bias.zero_()
+
+    @property
+    def multiple(self) -> int:
+        return 2 ** self.levels
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Map the code ``z`` (1, in, H, W) to gradients (n_axes, planes, H, W)."""
+        h, w = z.shape[-2:]
+        m = self.multiple
+        ph, pw = (-h) % m, (-w) % m
+        if ph or pw:
+            mode = "reflect" if (ph < h and pw < w) else "replicate"
+            z = F.pad(z, (0, pw, 0, ph), mode=mode)
+        x = self.stem(z)
+        skips = []
+        for lvl in range(self.levels):
+            skips.append(self.skip[lvl](x))
+            x = self.down[lvl](x)
+        for lvl in reversed(range(self.levels)):
+            s = skips[lvl]
+            x = F.interpolate(x, size=s.shape[-2:], mode="bilinear", align_corners=False)
+            x = self.up[lvl](torch.cat([x, s], dim=1))
+        out = self.head(x)[..., :h, :w]
+        return out.reshape(self.n_axes, self.planes, h, w)

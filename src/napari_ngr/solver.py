@@ -1,0 +1,253 @@
+"""The NGR ADMM loop, written once for every task, device and caller.
+
+Model (Eq. 7 of the paper, with a split for the data term)::
+
+    min_{x, Theta}  data(u; y) + sum_i lambda_i / 2 * || D_i x - f_Theta,i(z) ||^2   s.t.  x = u
+
+Each iteration:
+
+1. **network step** - one Adam step on ``sum_i lambda_i * mean((D_i x - f_i)^2)``: the untrained
+   network regresses the gradient maps of the current estimate from a fixed random code ``z``
+   (perturbed every iteration); its inductive bias keeps what is image-like.
+2. **x-update** - closed form: ``(mu + sum_i lambda_i D_i^T D_i) x = sum_i lambda_i D_i^T f_i
+   + mu (u - w)`` in one DCT pair (Neumann boundaries on every axis). Operators with a fused
+   quadratic data term (denoising) put it in place of ``mu`` and skip steps 3-4.
+3. **u-update** - the operator's data prox, ``u = prox(x + w, mu)`` (inpainting: the observed
+   entries).
+4. **dual update** - ``w += x - u``.
+
+No ground truth is used anywhere. Which iterate is returned (see :class:`Restoration`):
+
+* inpainting: a random ``holdout`` fraction of the observed entries is hidden from the data term
+  and used as a validation set. Every ``check_every`` iterations the validation error of ``x`` is
+  measured; the iterate with the lowest error is kept, and the loop stops early after
+  ``patience`` checks without improvement. The returned image re-inserts *all* observed entries.
+* denoising: an exponential moving average of the iterates (as in the reference code) over a
+  fixed budget; the loop also stops when the relative change of the average falls under ``tol``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .gradients import GradientSolver, forward_difference
+from .network import GradientNet
+from .operators import Denoising, Inpainting, Operator
+
+__all__ = ["SolverOptions", "Progress", "Restoration"]
+
+
+@dataclass
+class SolverOptions:
+    """Numerical options of the loop (the public functions set task defaults)."""
+
+    iterations: int = 300
+    mu: float = 1.0
+    lr: float = 0.01
+    channels: int = 48
+    levels: int = 4
+    skip_channels: int = 8
+    input_channels: int = 16
+    input_noise: float = 0.03
+    weight_decay: float = 0.0
+    holdout: float = 0.03
+    check_every: int = 10
+    patience: int = 6
+    ema: float = 0.0
+    tol: float = 0.0
+    min_iterations: int = 0
+    seed: int = 0
+
+
+@dataclass
+class Progress:
+    """One record per iteration, passed to callbacks and yielded by :meth:`Restoration.iterate`."""
+
+    iteration: int
+    total: int
+    loss: float
+    primal_residual: float
+    change: float
+    validation: float | None
+    best_iteration: int
+    elapsed: float
+    preview: np.ndarray | None = None
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d.pop("preview")
+        return d
+
+
+@dataclass
+class _State:
+    best: torch.Tensor | None = None
+    best_iteration: int = 0
+    best_score: float = math.inf
+    iteration: int = 0
+    stop_reason: str = "not started"
+    history: list = field(default_factory=list)
+
+
+class Restoration:
+    """One NGR restoration in the internal ``(S, C, H, W)`` layout.
+
+    Parameters
+    ----------
+    operator : Operator
+        The degradation, holding the (normalized) observation.
+    axes : dict
+        ``{name: (dim, weight)}``: the regularized axes, their tensor dimension and weight.
+    options : SolverOptions
+    device : torch.device
+    preview_every : int
+        Every this many iterations, :meth:`iterate` attaches the current estimate to its record.
+    to_user : callable
+        Maps an internal tensor to the array given to the user (layout and units).
+    """
+
+    def __init__(self, operator: Operator, axes: dict, options: SolverOptions, *, device,
+                 preview_every: int = 0, to_user: Callable | None = None):
+        self.full_operator = operator
+        self.axes = {k: v for k, v in axes.items()}
+        self.opt = options
+        self.device = torch.device(device)
+        self.preview_every = int(preview_every)
+        self.to_user = to_user or (lambda t: t.detach().cpu().numpy())
+        self.state = _State()
+        self._gen = torch.Generator(device="cpu").manual_seed(int(options.seed))
+        torch.manual_seed(int(options.seed))
+        y = operator.y
+        self.shape = tuple(y.shape)
+        S, C, H, W = self.shape
+        self.held = None
+        if isinstance(operator, Inpainting) and options.holdout > 0:
+            self.operator, self.held = operator.holdout(options.holdout, self._gen)
+            if int(self.held.sum()) < 16:
+                self.operator, self.held = operator, None
+        else:
+            self.operator = operator
+        self.dims = {name: dim for name, (dim, w) in self.axes.items()}
+        self.weights = {dim: w for name, (dim, w) in self.axes.items()}
+        self.grad = GradientSolver(self.shape, self.weights, device=self.device)
+        planes = S * C
+        self.net = GradientNet(options.input_channels, planes, len(self.axes), channels=options.channels,
+                               levels=options.levels, skip_channels=options.skip_channels).to(self.device)
+        self.z = (0.1 * torch.rand((1, options.input_channels, H, W), generator=self._gen)).to(self.device)
+        self.optim = torch.optim.Adam(self.net.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+        self.x = self.operator.initial_estimate().to(self.device)
+        self.u = self.x.clone()
+        self.w = torch.zeros_like(self.x)
+        self.avg = self.x.clone()
+        self.fields = {name: forward_difference(self.x, dim) for name, dim in self.dims.items()}
+
+    # ------------------------------------------------------------------ loop
+    def _step(self) -> tuple[float, float, float]:
+        opt = self.opt
+        z = self.z
+        if opt.input_noise > 0:
+            z = z + opt.input_noise * torch.randn(z.shape, generator=self._gen).to(self.device)
+        out = self.net(z)
+        S, C, H, W = self.shape
+        loss = 0.0
+        fields = {}
+        for i, (name, dim) in enumerate(self.dims.items()):
+            f = out[i].reshape(S, C, H, W)
+            target = forward_difference(self.x, dim)
+            loss = loss + self.weights[dim] * torch.mean((f - target) ** 2)
+            fields[dim] = f.detach()
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optim.step()
+
+        x_old = self.x
+        rhs = self.grad.divergence_term(fields)
+        op = self.operator
+        if op.fused_weight is not None:
+            wgt = op.fused_weight
+            self.x = self.grad.solve(rhs + wgt * op.y, wgt)
+            self.u = self.x
+            primal = 0.0
+        else:
+            mu = opt.mu
+            self.x = self.grad.solve(rhs + mu * (self.u - self.w), mu)
+            self.u = op.prox(self.x + self.w, mu)
+            r = self.x - self.u
+            self.w = self.w + r
+            primal = float(r.norm() / (self.u.norm() + 1e-12))
+        self.fields = {name: fields[dim] for name, dim in self.dims.items()}
+        change = float((self.x - x_old).norm() / (x_old.norm() + 1e-12))
+        return float(loss.detach()), primal, change
+
+    def iterate(self) -> Iterator[Progress]:
+        """Run the loop, yielding a :class:`Progress` record after every iteration.
+
+        Closing the generator early (cancel) is safe: :meth:`result` then returns the best
+        estimate so far.
+        """
+        opt = self.opt
+        st = self.state
+        t0 = time.perf_counter()
+        st.stop_reason = "running"
+        total = int(opt.iterations)
+        for k in range(st.iteration + 1, total + 1):
+            with torch.enable_grad():
+                loss, primal, change = self._step()
+            st.iteration = k
+            if opt.ema > 0:
+                self.avg = opt.ema * self.avg + (1 - opt.ema) * self.x if k > 1 else self.x.clone()
+                current = self.avg
+            else:
+                current = self.x
+            val = None
+            stop = False
+            if self.held is not None:
+                if k % opt.check_every == 0 or k == total:
+                    err = (current - self.full_operator.y)[self.held]
+                    val = float(torch.mean(err * err))
+                    if val < st.best_score:
+                        st.best_score, st.best_iteration = val, k
+                        st.best = current.detach().clone()
+                    elif (k - st.best_iteration) >= opt.patience * opt.check_every and k >= opt.min_iterations:
+                        stop = True
+                        st.stop_reason = "validation error stopped improving"
+            else:
+                st.best, st.best_iteration = current.detach(), k
+                if opt.tol > 0 and k >= opt.min_iterations and change < opt.tol:
+                    stop = True
+                    st.stop_reason = f"relative change below tol={opt.tol:g}"
+            rec = Progress(k, total, loss, primal, change, val, st.best_iteration, time.perf_counter() - t0)
+            st.history.append(rec.as_dict())
+            if self.preview_every and (k % self.preview_every == 0 or k == total or stop):
+                rec.preview = self.to_user(self.full_operator.compose(current))
+            yield rec
+            if stop:
+                return
+        st.stop_reason = "iteration budget reached"
+
+    def run(self, callback: Callable | None = None) -> "Restoration":
+        for rec in self.iterate():
+            if callback is not None:
+                callback(rec)
+        return self
+
+    # ------------------------------------------------------------------ results
+    def estimate(self) -> torch.Tensor:
+        """The chosen estimate (best validation iterate or moving average), observed data re-inserted."""
+        best = self.state.best if self.state.best is not None else self.x
+        return self.full_operator.compose(best)
+
+    def gradients(self) -> dict:
+        """Gradient maps of the returned estimate along each regularized axis (Neumann forward differences)."""
+        est = self.estimate()
+        return {name: forward_difference(est, dim) for name, dim in self.dims.items()}
+
+    def network_gradients(self) -> dict:
+        """The network's last predicted gradient maps ``f_Theta,i(z)``."""
+        return dict(self.fields)
