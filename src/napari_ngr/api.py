@@ -20,10 +20,11 @@ __all__ = ["inpaint", "denoise", "prepare_inpaint", "prepare_denoise", "Restorat
 #: Task defaults (normalized [0, 1] intensities). Tuned on the method, not on one image:
 #: see ``benchmarks/quality.py`` and the README.
 DEFAULTS = {
-    "inpaint": dict(iterations=400, spatial_weight=1.0, channel_weight=0.5, stack_weight=2.0,
-                    options=dict(mu=1.0, holdout=0.03, check_every=10, patience=8)),
-    "denoise": dict(iterations=300, spatial_weight=1.0, channel_weight=0.5, stack_weight=2.0,
-                    options=dict(mu=1.0, ema=0.9, holdout=0.0, data_weight=0.01)),
+    "inpaint": dict(iterations=300, spatial_weight=1.0, channel_weight=0.5, stack_weight=2.0,
+                    options=dict(mu=5.0, holdout=0.03, check_every=10, patience=8, guide=0.6,
+                                 guide_refresh=25, warmup=50)),
+    "denoise": dict(iterations=250, spatial_weight=1.0, channel_weight=0.5, stack_weight=0.5,
+                    options=dict(ema=0.9, holdout=0.0, guide=0.6, guide_refresh=25, data_weight=0.01)),
 }
 
 

@@ -50,11 +50,14 @@ class SolverOptions:
     iterations: int = 300
     mu: float = 1.0
     lr: float = 0.01
-    channels: int = 48
+    channels: int = 32
     levels: int = 4
     skip_channels: int = 8
     input_channels: int = 16
     input_noise: float = 0.03
+    guide: float = 0.0
+    guide_refresh: int = 0
+    warmup: int = 0
     weight_decay: float = 0.0
     holdout: float = 0.03
     check_every: int = 10
@@ -137,15 +140,29 @@ class Restoration:
         self.weights = {dim: w for name, (dim, w) in self.axes.items()}
         self.grad = GradientSolver(self.shape, self.weights, device=self.device)
         planes = S * C
-        self.net = GradientNet(options.input_channels, planes, len(self.axes), channels=options.channels,
-                               levels=options.levels, skip_channels=options.skip_channels).to(self.device)
-        self.z = (0.1 * torch.rand((1, options.input_channels, H, W), generator=self._gen)).to(self.device)
-        self.optim = torch.optim.Adam(self.net.parameters(), lr=options.lr, weight_decay=options.weight_decay)
         self.x = self.operator.initial_estimate().to(self.device)
+        n_in = options.input_channels + (planes if options.guide > 0 else 0)
+        levels = max(0, min(options.levels, int(math.log2(min(H, W))) - 2))  # coarsest map >= 2 px
+        self.net = GradientNet(n_in, planes, len(self.axes), channels=options.channels,
+                               levels=levels, skip_channels=options.skip_channels).to(self.device)
+        self.z = (0.1 * torch.rand((1, options.input_channels, H, W), generator=self._gen)).to(self.device)
+        self.z_code = self.z
+        if options.guide > 0:
+            self.z = torch.cat([self.z_code, self._guide(self.x)], dim=1)
+        self.optim = torch.optim.Adam(self.net.parameters(), lr=options.lr, weight_decay=options.weight_decay)
         self.u = self.x.clone()
         self.w = torch.zeros_like(self.x)
         self.avg = self.x.clone()
+        self._warm = 0
         self.fields = {name: forward_difference(self.x, dim) for name, dim in self.dims.items()}
+
+    def _guide(self, x: torch.Tensor) -> torch.Tensor:
+        from scipy import ndimage
+
+        S, C, H, W = self.shape
+        s = self.opt.guide
+        g = ndimage.gaussian_filter(x.detach().cpu().numpy(), (0, 0, s, s), mode="reflect")
+        return torch.from_numpy(g.reshape(1, S * C, H, W).astype("float32")).to(self.device)
 
     # ------------------------------------------------------------------ loop
     def _step(self) -> tuple[float, float, float]:
@@ -166,6 +183,10 @@ class Restoration:
         loss.backward()
         self.optim.step()
 
+        self.fields = {name: fields[dim] for name, dim in self.dims.items()}
+        if self._warm < opt.warmup:  # fit the network to the initial estimate first
+            self._warm += 1
+            return float(loss.detach()), 0.0, 0.0
         x_old = self.x
         rhs = self.grad.divergence_term(fields)
         op = self.operator
@@ -181,7 +202,6 @@ class Restoration:
             r = self.x - self.u
             self.w = self.w + r
             primal = float(r.norm() / (self.u.norm() + 1e-12))
-        self.fields = {name: fields[dim] for name, dim in self.dims.items()}
         change = float((self.x - x_old).norm() / (x_old.norm() + 1e-12))
         return float(loss.detach()), primal, change
 
@@ -200,6 +220,9 @@ class Restoration:
             with torch.enable_grad():
                 loss, primal, change = self._step()
             st.iteration = k
+            if opt.guide > 0 and opt.guide_refresh and k % opt.guide_refresh == 0:
+                src = self.avg if opt.ema > 0 else self.x
+                self.z = torch.cat([self.z_code, self._guide(self.operator.compose(src))], dim=1)
             if opt.ema > 0:
                 self.avg = opt.ema * self.avg + (1 - opt.ema) * self.x if k > 1 else self.x.clone()
                 current = self.avg

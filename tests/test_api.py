@@ -1,0 +1,244 @@
+"""The public library functions on real arrays: layouts, dtypes, determinism, errors, the loop."""
+
+import numpy as np
+import pytest
+import torch
+
+import napari_ngr
+from conftest import psnr
+
+FAST_DN = dict(iterations=30)
+FAST_IN = dict(iterations=20)
+
+
+def _layouts(rgb, gray, stack):
+    """(name, clean array, channel_axis, axes) for every supported layout."""
+    rng = np.random.default_rng(3)
+    tcyx = np.stack([np.moveaxis(rgb, -1, 0)[:, t:t + 40, t:t + 41] for t in range(3)])
+    return [
+        ("YX", gray, None),
+        ("YX-odd", gray[:41, :47], None),
+        ("YXC", rgb, -1),
+        ("CYX", np.moveaxis(rgb, -1, 0), 0),
+        ("ZYX", stack, None),
+        ("TCYX", tcyx, 1),
+    ]
+
+
+@pytest.fixture(scope="module")
+def layouts(rgb48, gray48, stack):
+    return _layouts(rgb48, gray48, stack)
+
+
+@pytest.mark.parametrize("idx", range(6))
+def test_inpaint_every_layout_beats_input(layouts, idx):
+    name, clean, ca = layouts[idx]
+    shape_no_c = clean.shape if ca is None else tuple(s for i, s in enumerate(clean.shape) if i != ca % clean.ndim)
+    missing = np.random.default_rng(idx).random(shape_no_c) < 0.4
+    img = clean.copy()
+    full = missing if ca is None else np.expand_dims(missing, ca % clean.ndim)
+    img = np.where(full, 0.0, clean)
+    out, grads = napari_ngr.inpaint(img, missing, channel_axis=ca, return_gradients=True, **FAST_IN)
+    assert out.shape == clean.shape and out.dtype == np.float32
+    full_b = np.broadcast_to(full, clean.shape)
+    gain = psnr(clean, out, full_b) - psnr(clean, img, full_b)
+    assert gain > 10, f"{name}: only {gain:.1f} dB over the zero-filled input on the missing entries"
+    np.testing.assert_allclose(out[~full_b], clean[~full_b], atol=1e-5)  # observed entries kept
+    assert set(grads) >= {"y", "x"} and all(g.shape == clean.shape for g in grads.values())
+
+
+@pytest.mark.parametrize("idx", range(6))
+def test_denoise_every_layout_beats_input(layouts, idx):
+    name, clean, ca = layouts[idx]
+    noisy = clean + np.random.default_rng(idx).normal(0, 0.1, clean.shape)
+    out = napari_ngr.denoise(noisy, channel_axis=ca, sigma=0.1, **FAST_DN)
+    assert out.shape == clean.shape and out.dtype == np.float32
+    gain = psnr(clean, out) - psnr(clean, noisy)
+    assert gain > 3, f"{name}: only {gain:.1f} dB over the noisy input"
+
+
+def test_gradient_axes_named_per_layout(rgb48, stack):
+    _, g = napari_ngr.denoise(stack, sigma=0.05, iterations=2, return_gradients=True)
+    assert list(g) == ["z", "y", "x"]
+    _, g = napari_ngr.denoise(rgb48, channel_axis=-1, sigma=0.05, iterations=2, return_gradients=True)
+    assert list(g) == ["c", "y", "x"]
+    _, g = napari_ngr.denoise(stack, axes="TYX", sigma=0.05, iterations=2, return_gradients=True)
+    assert list(g) == ["t", "y", "x"]
+    # the returned maps are the forward differences of the returned image
+    out, g = napari_ngr.denoise(stack, sigma=0.05, iterations=2, return_gradients=True)
+    np.testing.assert_allclose(g["y"][:, :-1], np.diff(out, axis=1), atol=1e-4)
+    assert np.all(g["y"][:, -1] == 0)
+
+
+def test_third_axis_gradient_is_used(gray48):
+    """On a Z-stack of similar planes, the Z gradient (default weight) helps by a clear margin."""
+    zstack = np.stack([gray48 * (0.8 + 0.04 * z) for z in range(6)])
+    noisy = zstack + np.random.default_rng(0).normal(0, 0.15, zstack.shape)
+    with_z = napari_ngr.denoise(noisy, sigma=0.15, iterations=30)
+    without = napari_ngr.denoise(noisy, sigma=0.15, iterations=30, stack_weight=0.0)
+    assert psnr(zstack, with_z) > psnr(zstack, without) + 0.5
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float64, np.int32])
+def test_dtype_round_trip_keeps_units(gray48, dtype):
+    scale = {np.uint8: 255, np.uint16: 40000, np.float64: 1.0, np.int32: 1000}[dtype]
+    img = (gray48 * scale).astype(dtype)
+    missing = np.random.default_rng(0).random(img.shape) < 0.3
+    out = napari_ngr.inpaint(img, missing, iterations=10)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[~missing], img[~missing].astype(np.float32), rtol=1e-5, atol=1e-3 * scale)
+    assert out.min() >= np.iinfo(dtype).min if np.issubdtype(dtype, np.integer) else True
+    assert abs(out[missing].mean() - float(gray48[missing].mean() * scale)) < 0.1 * scale
+    dn = napari_ngr.denoise(img, sigma=0.02 * scale, iterations=5)
+    assert dn.dtype == np.float32 and abs(dn.mean() - img.mean()) < 0.05 * scale
+
+
+def test_same_seed_same_output_and_input_unchanged(rgb48):
+    noisy = (rgb48 + np.random.default_rng(1).normal(0, 0.1, rgb48.shape)).astype(np.float32)
+    before = noisy.copy()
+    a = napari_ngr.denoise(noisy, channel_axis=-1, sigma=0.1, iterations=8, seed=5)
+    b = napari_ngr.denoise(noisy, channel_axis=-1, sigma=0.1, iterations=8, seed=5)
+    c = napari_ngr.denoise(noisy, channel_axis=-1, sigma=0.1, iterations=8, seed=6)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    np.testing.assert_array_equal(noisy, before)
+    mask = np.zeros(rgb48.shape[:2], bool)
+    mask[10:20, 10:20] = True
+    mbefore = mask.copy()
+    napari_ngr.inpaint(noisy, mask, channel_axis=-1, iterations=3)
+    np.testing.assert_array_equal(noisy, before)
+    np.testing.assert_array_equal(mask, mbefore)
+
+
+def test_mask_broadcast_forms_agree(rgb48):
+    miss2d = np.zeros(rgb48.shape[:2], bool)
+    miss2d[5:15, 20:30] = True
+    full = np.broadcast_to(miss2d[..., None], rgb48.shape)
+    a = napari_ngr.inpaint(rgb48, miss2d, channel_axis=-1, iterations=5)
+    b = napari_ngr.inpaint(rgb48, full, channel_axis=-1, iterations=5)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_stack_with_yx_mask(stack):
+    miss = np.zeros(stack.shape[1:], bool)
+    miss[:, 20] = True  # a dead column on every plane
+    img = stack.copy()
+    img[:, miss] = 0
+    out = napari_ngr.inpaint(img, miss, iterations=20)
+    assert psnr(stack[:, miss], out[:, miss]) > psnr(stack[:, miss], img[:, miss]) + 15
+
+
+def test_iterate_cancel_keeps_best_and_previews(gray48):
+    missing = np.random.default_rng(0).random(gray48.shape) < 0.5
+    img = np.where(missing, 0, gray48)
+    job = napari_ngr.prepare_inpaint(img, missing, iterations=100, preview_every=5, warmup=0)
+    seen = []
+    gen = job.iterate()
+    for rec in gen:
+        seen.append(rec)
+        if rec.iteration == 25:
+            break
+    gen.close()
+    assert [r.iteration for r in seen] == list(range(1, 26))
+    assert all(r.total == 100 for r in seen)
+    previews = [r for r in seen if r.preview is not None]
+    assert [r.iteration for r in previews] == [5, 10, 15, 20, 25]
+    assert previews[0].preview.shape == gray48.shape
+    res = job.result()
+    assert res.stop_reason == "cancelled" and res.iteration == 25
+    assert 1 <= res.best_iteration <= 25
+    assert psnr(gray48, res.image, missing) > psnr(gray48, img, missing) + 10
+
+
+def test_callback_and_validation_selection(gray48):
+    missing = np.random.default_rng(2).random(gray48.shape) < 0.5
+    records = []
+    job = napari_ngr.prepare_inpaint(np.where(missing, 0, gray48), missing, iterations=40, warmup=0)
+    res = job.run(callback=records.append)
+    assert len(records) == res.iteration == 40
+    vals = [r.validation for r in records if r.validation is not None]
+    assert len(vals) == 4  # checked every 10 iterations
+    assert res.best_iteration == 10 * (1 + int(np.argmin(vals)))
+    assert len(res.history) == 40 and "preview" not in res.history[0]
+
+
+def test_sigma_is_estimated(gray48):
+    noisy = gray48 + np.random.default_rng(0).normal(0, 0.08, gray48.shape)
+    job = napari_ngr.prepare_denoise(noisy, iterations=2)
+    assert 0.06 < job.sigma < 0.1
+
+
+def test_device_auto_and_cpu():
+    assert napari_ngr.resolve_device(None).type in {"cpu", "cuda", "mps"}
+    assert napari_ngr.resolve_device("cpu").type == "cpu"
+    assert napari_ngr.available_devices()[-1] == "cpu"
+
+
+# ---------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mask=np.zeros((5, 5), bool)), "does not match"),
+        (dict(mask=np.zeros((16, 16), bool)), "no entry as missing"),
+        (dict(mask=np.ones((16, 16), bool)), "every entry"),
+        (dict(channel_axis=3), "out of range"),
+        (dict(channel_axis=5), "out of range"),
+        (dict(device="nonsense"), "device"),
+        (dict(iterations=0), "iterations"),
+    ],
+)
+def test_inpaint_errors(kwargs, match):
+    img = np.random.default_rng(0).random((16, 16, 3))
+    mask = np.zeros((16, 16), bool)
+    mask[3:6, 3:6] = True
+    args = dict(mask=mask, channel_axis=-1)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        napari_ngr.inpaint(img, **args)
+
+
+@pytest.mark.parametrize(
+    "image, match",
+    [
+        (np.array([1.0, np.nan, 2.0, 3.0]).reshape(2, 2), "NaN or inf"),
+        (np.array([[1.0, np.inf], [2.0, 3.0]]), "NaN or inf"),
+        (np.arange(10.0), "at least 2-D"),
+        (np.zeros((0, 5)), "empty"),
+        (np.zeros((2, 3, 4, 5, 6)), "more than 4"),
+        (np.zeros((3, 4, 8, 8)), "ambiguous"),
+        (np.zeros((4, 4), dtype=complex), "real numeric"),
+    ],
+)
+def test_bad_images(image, match):
+    with pytest.raises(ValueError, match=match):
+        napari_ngr.denoise(image, sigma=0.1, iterations=1)
+
+
+def test_bad_sigma_and_weight():
+    img = np.random.default_rng(0).random((16, 16))
+    with pytest.raises(ValueError, match="sigma"):
+        napari_ngr.denoise(img, sigma=-1)
+    with pytest.raises(ValueError, match="weight"):
+        napari_ngr.denoise(img, sigma=0.1, spatial_weight=-1.0)
+    with pytest.raises(TypeError, match="unknown option"):
+        napari_ngr.denoise(img, sigma=0.1, iterationz=3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        napari_ngr.denoise(np.zeros((8, 8)), sigma=0.1, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_quality(gray48):
+    noisy = gray48 + np.random.default_rng(0).normal(0, 0.1, gray48.shape)
+    gpu = napari_ngr.denoise(noisy, sigma=0.1, iterations=30, device="cuda")
+    cpu = napari_ngr.denoise(noisy, sigma=0.1, iterations=30, device="cpu")
+    assert abs(psnr(gray48, gpu) - psnr(gray48, cpu)) < 1.0
+
+
+def test_estimate_memory_grows_with_size():
+    small = napari_ngr.estimate_memory((64, 64))
+    big = napari_ngr.estimate_memory((200, 256, 256), channel_axis=0)
+    assert 0 < small < big
