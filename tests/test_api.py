@@ -7,7 +7,7 @@ import torch
 import napari_ngr
 from conftest import psnr
 
-FAST_DN = dict(iterations=30)
+FAST_DN = dict(iterations=40)
 FAST_IN = dict(iterations=20)
 
 

@@ -319,7 +319,13 @@ def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, iteratio
     layout = resolve_layout(a.shape, channel_axis, axes)
     dev = resolve_device(device)
     internal = layout.to_internal(a)
-    scaler = _Scaler(internal, None)
+    # Intensity range from a lightly smoothed copy: the noise must not widen it (a wider range
+    # would compress the image and shift the balance between data and gradient terms).
+    from scipy import ndimage
+
+    smooth = ndimage.gaussian_filter(internal.astype(np.float32), (0, 0, 1.5, 1.5), mode="reflect")
+    scaler = _Scaler(smooth, None)
+    scaler.dtype = a.dtype
     y = scaler.forward(internal)
     if sigma is None:
         s = _estimate_sigma_normalized(y)

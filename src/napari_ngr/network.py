@@ -15,7 +15,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-__all__ = ["GradientNet"]
+__all__ = ["GradientNet", "SeparateGradientNets"]
 
 
 def _block(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
@@ -90,3 +90,14 @@ class GradientNet(nn.Module):
             x = self.up[lvl](torch.cat([x, s], dim=1))
         out = self.head(x)[..., :h, :w]
         return out.reshape(self.n_axes, self.planes, h, w)
+
+
+class SeparateGradientNets(nn.Module):
+    """One independent :class:`GradientNet` per axis, as in the reference code (for ablations)."""
+
+    def __init__(self, in_channels: int, planes: int, n_axes: int, **kwargs):
+        super().__init__()
+        self.nets = nn.ModuleList(GradientNet(in_channels, planes, 1, **kwargs) for _ in range(n_axes))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([net(z) for net in self.nets], dim=0)

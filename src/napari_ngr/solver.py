@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .gradients import GradientSolver, forward_difference
-from .network import GradientNet
+from .network import GradientNet, SeparateGradientNets
 from .operators import Denoising, Inpainting, Operator
 
 __all__ = ["SolverOptions", "Progress", "Restoration"]
@@ -58,6 +58,7 @@ class SolverOptions:
     guide: float = 0.0
     guide_refresh: int = 0
     warmup: int = 0
+    shared_trunk: bool = True
     weight_decay: float = 0.0
     holdout: float = 0.03
     check_every: int = 10
@@ -143,7 +144,8 @@ class Restoration:
         self.x = self.operator.initial_estimate().to(self.device)
         n_in = options.input_channels + (planes if options.guide > 0 else 0)
         levels = max(0, min(options.levels, int(math.log2(min(H, W))) - 2))  # coarsest map >= 2 px
-        self.net = GradientNet(n_in, planes, len(self.axes), channels=options.channels,
+        net_cls = GradientNet if options.shared_trunk else SeparateGradientNets
+        self.net = net_cls(n_in, planes, len(self.axes), channels=options.channels,
                                levels=levels, skip_channels=options.skip_channels).to(self.device)
         self.z = (0.1 * torch.rand((1, options.input_channels, H, W), generator=self._gen)).to(self.device)
         self.z_code = self.z
@@ -154,6 +156,7 @@ class Restoration:
         self.w = torch.zeros_like(self.x)
         self.avg = self.x.clone()
         self._warm = 0
+        self._full_start = None
         self.fields = {name: forward_difference(self.x, dim) for name, dim in self.dims.items()}
 
     def _guide(self, x: torch.Tensor) -> torch.Tensor:
@@ -263,7 +266,13 @@ class Restoration:
     # ------------------------------------------------------------------ results
     def estimate(self) -> torch.Tensor:
         """The chosen estimate (best validation iterate or moving average), observed data re-inserted."""
-        best = self.state.best if self.state.best is not None else self.x
+        st = self.state
+        if self.held is not None and st.best is not None and st.best_iteration <= self.opt.warmup:
+            # The start won the validation: rebuild it from *all* observed entries.
+            if self._full_start is None:
+                self._full_start = self.full_operator.initial_estimate().to(self.device)
+            return self.full_operator.compose(self._full_start)
+        best = st.best if st.best is not None else self.x
         return self.full_operator.compose(best)
 
     def gradients(self) -> dict:

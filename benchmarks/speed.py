@@ -1,0 +1,75 @@
+"""Speed table: seconds per iteration, iterations used, total seconds and peak memory, for
+napari-ngr's defaults and for a configuration that mirrors the reference code (three
+independent 128-channel, 5-level U-Nets, no guide), on the core issue's two cases.
+
+    python benchmarks/speed.py [--device cuda] [--ref-iterations 3]
+"""
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _data  # noqa: E402
+
+import napari_ngr  # noqa: E402
+
+REFERENCE = dict(channels=128, levels=5, skip_channels=4, shared_trunk=False, guide=0.0, guide_refresh=0,
+                 warmup=0, input_channels=3)
+REF_ITERS = {"inpaint": 15000, "denoise": 4000}
+
+
+def peak_mb(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(task, device, **over):
+    gt = _data.astronaut256()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    if task == "inpaint":
+        obs = _data.observed_mask(0.1)
+        job = napari_ngr.prepare_inpaint(np.where(obs[..., None], gt, 0), ~obs, channel_axis=-1, device=device, **over)
+    else:
+        job = napari_ngr.prepare_denoise(_data.noisy(gt, 0.1), channel_axis=-1, sigma=0.1, device=device, **over)
+    t = time.perf_counter()
+    times = []
+    last = t
+    for rec in job.iterate():
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    total = time.perf_counter() - t
+    res = job.result()
+    return float(np.median(times)), res.iteration, total, peak_mb(device), _data.psnr(gt, res.image)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--ref-iterations", type=int, default=3, help="iterations timed for the reference mirror")
+    args = ap.parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    print(f"\nnapari-ngr {napari_ngr.__version__}, device={args.device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads\n")
+    print("| case | configuration | s / iteration | iterations | total s | peak MiB | PSNR dB |")
+    print("|---|---|---|---|---|---|---|")
+    for task, name in (("inpaint", "astronaut 256² RGB, 10 % observed"), ("denoise", "astronaut 256² RGB, sigma 0.1")):
+        spi, it, tot, mem, p = measure(task, args.device)
+        print(f"| {name} | napari-ngr defaults | {spi:.3f} | {it} | {tot:.1f} | {mem:.0f} | {p:.2f} |")
+        spi, it, tot, mem, p = measure(task, args.device, iterations=args.ref_iterations, **REFERENCE)
+        est = spi * REF_ITERS[task]
+        print(f"| {name} | reference mirror (3 nets x 128 ch) | {spi:.3f} | {REF_ITERS[task]} (timed {it}) "
+              f"| {est:.0f} (projected) | {mem:.0f} | - |")
+
+
+if __name__ == "__main__":
+    main()
