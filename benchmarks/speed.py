@@ -27,10 +27,20 @@ REF_ITERS = {"inpaint": 15000, "denoise": 4000}
 def peak_mb(device):
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # whole process (Linux: KiB)
 
 
 def measure(task, device, **over):
+    """One row, in a fresh process so that its peak memory is its own."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
+        return ex.submit(_measure, task, device, torch.get_num_threads(), over).result()
+
+
+def _measure(task, device, threads, over):
+    torch.set_num_threads(threads)
     gt = _data.astronaut256()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
