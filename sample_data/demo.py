@@ -9,6 +9,7 @@ napari-ngr's defaults, prints PSNR before/after and writes TIFFs and a side-by-s
 """
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +35,19 @@ def scratch_mask(shape, n=14, seed=0):
     return mask
 
 
+def _progress(task):
+    """Print progress in place on a terminal, every 50 iterations otherwise."""
+    tty = sys.stdout.isatty()
+
+    def show(rec):
+        if tty:
+            print(f"\r{task}: iteration {rec.iteration}/{rec.total}", end="", flush=True)
+        elif rec.iteration % 50 == 0:
+            print(f"{task}: iteration {rec.iteration}/{rec.total}", flush=True)
+
+    return show
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("output", nargs="?", default="demo_output")
@@ -48,7 +62,7 @@ def main(argv=None):
     damaged[mask] = 0
     t = time.perf_counter()
     job = napari_ngr.prepare_inpaint(damaged, mask, channel_axis=-1, device=args.device)
-    res = job.run(lambda r: print(f"\rinpaint: iteration {r.iteration}/{r.total}", end="", flush=True))
+    res = job.run(_progress("inpaint"))
     print(f"\rinpaint: {res.iteration} iterations on {job.device} in {time.perf_counter() - t:.1f} s, "
           f"returned iteration {res.best_iteration} ({res.stop_reason})")
     psnr = lambda x: peak_signal_noise_ratio(clean, np.clip(x, 0, 255).astype(np.float64), data_range=255)  # noqa: E731
@@ -58,7 +72,7 @@ def main(argv=None):
     noisy = np.clip(clean + np.random.default_rng(0).normal(0, 20, clean.shape), 0, 255).astype(np.uint8)
     t = time.perf_counter()
     job = napari_ngr.prepare_denoise(noisy, channel_axis=-1, device=args.device)
-    dres = job.run(lambda r: print(f"\rdenoise: iteration {r.iteration}/{r.total}", end="", flush=True))
+    dres = job.run(_progress("denoise"))
     print(f"\rdenoise: {dres.iteration} iterations in {time.perf_counter() - t:.1f} s, "
           f"estimated sigma {dres.sigma:.1f} (true 20)")
     print(f"  PSNR noisy {psnr(noisy):.2f} dB -> denoised {psnr(dres.image):.2f} dB")
