@@ -1,4 +1,8 @@
-"""The napari-ngr command line on real (small) TIFF and NumPy files."""
+"""The napari-ngr command line on real (small) TIFF and NumPy files.
+
+Everything runs in-process through ``main([...])`` (one subprocess checks ``python -m napari_ngr``);
+arrays are 32-48 px and iteration budgets 5-20, so the module runs in well under a minute.
+"""
 
 import os
 import subprocess
@@ -9,9 +13,22 @@ import pytest
 import tifffile
 from skimage import data
 
+import napari_ngr
+from napari_ngr import cli
 from napari_ngr.cli import main
 
-IT = ["--iterations", "15"]
+IT = ["--iterations", "8"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny arrays: one thread is faster, and far faster on a busy 2-core machine (no OpenMP spinning)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def psnr(ref, x, mask=None):
@@ -23,9 +40,14 @@ def psnr(ref, x, mask=None):
     return 10 * np.log10(rng**2 / mse)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def camera():
-    return data.camera()[120:168, 200:248]  # 48 x 48 uint8, real image
+    return data.camera()[120:168, 200:248].copy()  # 48 x 48 uint8, a real photograph
+
+
+@pytest.fixture(scope="module")
+def rgb():
+    return data.astronaut()[100:132, 150:182].copy()  # 32 x 32 x 3 uint8
 
 
 def zstack_u16(camera):
@@ -33,26 +55,56 @@ def zstack_u16(camera):
     return np.stack([np.roll(c, k, axis=1) for k in range(4)])  # (4, 48, 48) uint16
 
 
+def bar_mask(shape):
+    m = np.zeros(shape, np.uint8)
+    m[10:14, 5:40] = 1
+    return m
+
+
+def listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ------------------------------------------------------------------------------ entry points
 def test_version_and_help_in_a_subprocess():
     out = subprocess.run([sys.executable, "-m", "napari_ngr", "--version"], capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.startswith("napari-ngr ")
-    out = subprocess.run([sys.executable, "-m", "napari_ngr", "inpaint", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "examples:" in out.stdout and "--overwrite" in out.stdout
+    assert out.returncode == 0 and out.stdout.strip() == f"napari-ngr {napari_ngr.__version__}"
+    out = subprocess.run([sys.executable, "-m", "napari_ngr", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for text in ("inpaint", "denoise", "examples:", "masks", "NAME_mask.tif", "NAME_ngr", "rounded half to even",
+                 "--overwrite", "--resume", "exit status", "memory"):
+        assert text in out.stdout, text
 
 
-def test_imagej_round_trip_keeps_metadata_dtype_and_restores(tmp_path, camera):
+def test_subcommand_help_lists_every_option(capsys):
+    assert main(["inpaint", "--help"]) == 0
+    text = capsys.readouterr().out
+    for opt in ("--mask", "--mask-suffix", "-o", "--output-dir", "--iterations", "--spatial-weight",
+                "--channel-weight", "--stack-weight", "--seed", "--device", "--channel-axis", "--axes", "--dtype",
+                "--gradients", "--overwrite", "--resume", "--quiet", "--max-memory", "examples:"):
+        assert opt in text, opt
+    assert main(["denoise", "--help"]) == 0
+    assert "--sigma" in capsys.readouterr().out
+    assert main(["--version"]) == 0
+
+
+# ------------------------------------------------------------------------- TIFF round trips
+def test_imagej_round_trip_keeps_axes_resolution_dtype_and_restores(tmp_path, camera, capsys):
     clean = zstack_u16(camera)
     missing = np.random.default_rng(0).random(clean.shape[1:]) < 0.3
     img = np.where(missing, 0, clean).astype(np.uint16)
-    tifffile.imwrite(tmp_path / "s.tif", img, imagej=True, resolution=(5.0, 5.0),
-                     metadata={"axes": "ZYX", "spacing": 2.5, "unit": "um"})
-    tifffile.imwrite(tmp_path / "s_mask.tif", missing.astype(np.uint8))
-    assert main(["inpaint", str(tmp_path / "s.tif"), "-q", "--iterations", "60"]) == 0
+    tifffile.imwrite(tmp_path / "s.tif", img, imagej=True, resolution=(5.0, 4.0),
+                     metadata={"axes": "ZYX", "spacing": 2.5, "unit": "um", "Labels": list("abcd")})
+    tifffile.imwrite(tmp_path / "s_mask.tif", missing.astype(np.uint8))  # (Y, X): every plane
+    assert main(["inpaint", str(tmp_path / "s.tif"), "--iterations", "15"]) == 0
+    err = capsys.readouterr().err
+    assert "memory:" in err and "needs about" in err  # the up-front estimate
+    assert "s.tif -> " in err and "1 done, 0 skipped, 0 failed" in err  # log line and summary
     with tifffile.TiffFile(tmp_path / "s_ngr.tif") as tif:
         assert tif.is_imagej and tif.series[0].axes == "ZYX"
-        assert tif.imagej_metadata["spacing"] == 2.5 and tif.imagej_metadata["unit"] == "um"
-        x = tif.pages[0].tags["XResolution"].value
-        assert x[0] / x[1] == pytest.approx(5.0)
+        md = tif.imagej_metadata
+        assert md["spacing"] == 2.5 and md["unit"] == "um" and md["Labels"] == list("abcd")
+        assert tif.pages.first.resolution == pytest.approx((5.0, 4.0))
         out = tif.asarray()
     assert out.dtype == np.uint16 and out.shape == img.shape
     np.testing.assert_array_equal(out[:, ~missing], img[:, ~missing])  # observed pixels kept
@@ -60,25 +112,66 @@ def test_imagej_round_trip_keeps_metadata_dtype_and_restores(tmp_path, camera):
     assert psnr(clean, out, m3) > psnr(clean, img, m3) + 10
 
 
+def test_imagej_hyperstack_and_rgb_keep_their_layout(tmp_path, rgb):
+    tcyx = np.stack([np.moveaxis(rgb, -1, 0).astype(np.uint16) * 100] * 3)  # (T, C, Y, X)
+    tifffile.imwrite(tmp_path / "t.tif", tcyx, imagej=True, resolution=(2.0, 2.0),
+                     metadata={"axes": "TCYX", "finterval": 1.5, "unit": "um", "mode": "composite"})
+    tifffile.imwrite(tmp_path / "c.tif", rgb, imagej=True, resolution=(3.0, 3.0), metadata={"unit": "mm"})
+    out = tmp_path / "out"
+    assert main(["denoise", str(tmp_path), "--output-dir", str(out), "--dtype", "float32", "--sigma", "10",
+                 "-q", "--iterations", "5"]) == 0
+    with tifffile.TiffFile(out / "t_ngr.tif") as tif:
+        assert tif.is_imagej and tif.series[0].axes == "TCYX" and tif.series[0].dtype == np.float32
+        assert tif.imagej_metadata["finterval"] == 1.5 and tif.imagej_metadata["unit"] == "um"
+        assert tif.pages.first.resolution == pytest.approx((2.0, 2.0))
+    with tifffile.TiffFile(out / "c_ngr.tif") as tif:  # RGB samples are the channel axis
+        assert tif.is_imagej and tif.series[0].axes == "YXS" and tif.series[0].shape == rgb.shape
+        assert tif.imagej_metadata["unit"] == "mm"
+
+
 def test_ome_physical_sizes_and_channel_names_survive(tmp_path, camera):
-    rgb = np.stack([camera, camera[::-1], camera.T]).astype(np.float32) / 255  # (C, Y, X)
-    noisy = (rgb + np.random.default_rng(1).normal(0, 0.1, rgb.shape)).astype(np.float32)
+    ref = np.stack([camera, camera[::-1], camera.T]).astype(np.float32) / 255  # (C, Y, X)
+    noisy = (ref + np.random.default_rng(1).normal(0, 0.1, ref.shape)).astype(np.float32)
     tifffile.imwrite(tmp_path / "o.ome.tif", noisy, ome=True,
                      metadata={"axes": "CYX", "PhysicalSizeX": 0.65, "PhysicalSizeXUnit": "µm",
                                "PhysicalSizeY": 0.65, "PhysicalSizeYUnit": "µm",
                                "Channel": {"Name": ["DAPI", "GFP", "RFP"]}})
     assert main(["denoise", str(tmp_path / "o.ome.tif"), "-o", str(tmp_path / "d.ome.tif"), "--sigma", "0.1",
-                 "-q", "--iterations", "40"]) == 0
+                 "-q", "--iterations", "20"]) == 0
     with tifffile.TiffFile(tmp_path / "d.ome.tif") as tif:
         assert tif.is_ome and tif.series[0].axes == "CYX"
         pix = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]
         out = tif.asarray()
     assert pix["PhysicalSizeX"] == pytest.approx(0.65) and pix["PhysicalSizeXUnit"] == "µm"
+    assert pix["PhysicalSizeY"] == pytest.approx(0.65)
     assert [c["Name"] for c in pix["Channel"]] == ["DAPI", "GFP", "RFP"]
     assert out.dtype == np.float32 and out.shape == noisy.shape
-    assert psnr(rgb, out) > psnr(rgb, noisy) + 3
+    assert psnr(ref, out) > psnr(ref, noisy) + 3
 
 
+def test_ome_z_stack_keeps_z_size_and_uint16(tmp_path, camera):
+    z = zstack_u16(camera)
+    tifffile.imwrite(tmp_path / "z.ome.tif", z, ome=True,
+                     metadata={"axes": "ZYX", "PhysicalSizeZ": 2.0, "PhysicalSizeZUnit": "µm", "PhysicalSizeX": 0.3,
+                               "PhysicalSizeY": 0.3})
+    assert main(["denoise", str(tmp_path / "z.ome.tif"), "-q", "--sigma", "500", "--iterations", "5"]) == 0
+    with tifffile.TiffFile(tmp_path / "z_ngr.ome.tif") as tif:  # NAME_ngr keeps the .ome.tif extension
+        assert tif.is_ome and tif.series[0].axes == "ZYX" and tif.series[0].dtype == np.uint16
+        pix = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]
+    assert pix["PhysicalSizeZ"] == pytest.approx(2.0) and pix["PhysicalSizeZUnit"] == "µm"
+    assert pix["PhysicalSizeX"] == pytest.approx(0.3)
+
+
+def test_unmappable_file_axes_fail_clearly_unless_axes_given(tmp_path, camera, capsys):
+    cube = np.stack([camera, camera.T, camera[::-1]])
+    tifffile.imwrite(tmp_path / "l.tif", cube, photometric="minisblack", metadata={"axes": "EYX"})  # E: lambda
+    assert main(["denoise", str(tmp_path / "l.tif"), "-q", *IT]) == 1
+    assert "'EYX'" in capsys.readouterr().err
+    assert main(["denoise", str(tmp_path / "l.tif"), "--axes", "CYX", "-q", "--sigma", "5", *IT]) == 0
+    assert tifffile.imread(tmp_path / "l_ngr.tif").shape == cube.shape
+
+
+# -------------------------------------------------------------------------------- dtypes
 def test_dtype_policy(tmp_path, camera):
     img = zstack_u16(camera)
     noisy = np.clip(img + np.random.default_rng(2).normal(0, 3000, img.shape), 0, 65535).astype(np.uint16)
@@ -93,17 +186,72 @@ def test_dtype_policy(tmp_path, camera):
     np.testing.assert_array_equal(out, np.clip(np.rint(f), 0, 65535).astype(np.uint16))  # rounded, clipped
 
 
+def test_convert_dtype_rounds_half_to_even_and_clips():
+    x = np.array([-3.0, 0.5, 1.5, 2.5, 254.6, 300.0], np.float32)
+    np.testing.assert_array_equal(cli.convert_dtype(x, np.uint8), [0, 0, 2, 2, 255, 255])
+    np.testing.assert_array_equal(cli.convert_dtype(x * 1000, np.int16), [-3000, 500, 1500, 2500, 32767, 32767])
+    assert cli.convert_dtype(np.array([3e9], np.float32), np.int32)[0] == np.iinfo(np.int32).max
+    assert cli.convert_dtype(x, np.float64).dtype == np.float64
+
+
+# ------------------------------------------------------------------ existing outputs, resume
 def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, camera, capsys):
     tifffile.imwrite(tmp_path / "c.tif", camera)
     target = tmp_path / "c_ngr.tif"
     target.write_bytes(b"earlier result")
     assert main(["denoise", str(tmp_path / "c.tif"), *IT]) == 0
     assert target.read_bytes() == b"earlier result"
-    assert "skipped" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "skipped" in err and "0 done, 1 skipped, 0 failed" in err
+    assert main(["denoise", str(tmp_path / "c.tif"), "--resume", *IT]) == 0  # the same, said explicitly
+    assert target.read_bytes() == b"earlier result"
+    assert main(["denoise", str(tmp_path / "c.tif"), "--overwrite", "--resume", *IT]) == 2
     assert main(["denoise", str(tmp_path / "c.tif"), "--overwrite", "-q", *IT]) == 0
     assert tifffile.imread(target).shape == camera.shape
+    assert listing(tmp_path) == ["c.tif", "c_ngr.tif"]
 
 
+def test_resume_completes_a_half_done_batch(tmp_path, camera, capsys):
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp_path / f"{name}.tif", camera)
+    tifffile.imwrite(tmp_path / "a_ngr.tif", camera)  # as if a killed run had finished a.tif only
+    stamp = os.stat(tmp_path / "a_ngr.tif").st_mtime_ns
+    assert main(["denoise", str(tmp_path / "*.tif"), "--resume", "--sigma", "5", *IT]) == 0  # glob, in-process
+    err = capsys.readouterr().err
+    assert "1 done, 1 skipped, 0 failed" in err
+    assert os.stat(tmp_path / "a_ngr.tif").st_mtime_ns == stamp
+    assert (tmp_path / "b_ngr.tif").exists()
+
+
+def test_gradients_one_file_per_axis_and_missing_ones_resumed(tmp_path, camera):
+    tifffile.imwrite(tmp_path / "z.tif", zstack_u16(camera), imagej=True, metadata={"axes": "ZYX", "unit": "um"})
+    assert main(["denoise", str(tmp_path / "z.tif"), "--gradients", "-q", *IT]) == 0
+    assert listing(tmp_path) == ["z.tif", "z_ngr.tif", "z_ngr_grad-x.tif", "z_ngr_grad-y.tif", "z_ngr_grad-z.tif"]
+    for ax in "zyx":
+        with tifffile.TiffFile(tmp_path / f"z_ngr_grad-{ax}.tif") as tif:
+            assert tif.is_imagej and tif.series[0].axes == "ZYX" and tif.imagej_metadata["unit"] == "um"
+            g = tif.asarray()
+        assert g.shape == (4, 48, 48) and g.dtype == np.float32
+    gy = tifffile.imread(tmp_path / "z_ngr_grad-y.tif")
+    assert np.abs(gy).max() > 0
+    # a lost gradient file is recomputed (same seed, same result); existing files are kept as they are
+    stamp = os.stat(tmp_path / "z_ngr.tif").st_mtime_ns
+    gx = tifffile.imread(tmp_path / "z_ngr_grad-x.tif")
+    os.remove(tmp_path / "z_ngr_grad-x.tif")
+    assert main(["denoise", str(tmp_path / "z.tif"), "--gradients", "-q", *IT]) == 0
+    assert os.stat(tmp_path / "z_ngr.tif").st_mtime_ns == stamp
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "z_ngr_grad-x.tif"), gx, atol=1e-3)
+
+
+def test_rgb_npy_gradients_include_the_channel_axis(tmp_path, rgb):
+    np.save(tmp_path / "r.npy", rgb)
+    assert main(["denoise", str(tmp_path / "r.npy"), "--channel-axis", "-1", "--gradients", "-q", "--sigma", "8",
+                 "--iterations", "5"]) == 0
+    assert listing(tmp_path) == ["r.npy", "r_ngr.npy", "r_ngr_grad-c.npy", "r_ngr_grad-x.npy", "r_ngr_grad-y.npy"]
+    assert np.load(tmp_path / "r_ngr.npy").dtype == np.uint8
+
+
+# ------------------------------------------------------------------------- nothing lost
 def test_interrupted_write_leaves_no_file(tmp_path, camera, monkeypatch):
     tifffile.imwrite(tmp_path / "c.tif", camera)
     real = tifffile.imwrite
@@ -114,64 +262,141 @@ def test_interrupted_write_leaves_no_file(tmp_path, camera, monkeypatch):
 
     monkeypatch.setattr(tifffile, "imwrite", dying_write)
     assert main(["denoise", str(tmp_path / "c.tif"), "-q", *IT]) == 130
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tif"]
+    assert listing(tmp_path) == ["c.tif"]  # no output, no hidden .partial file
+
+
+def test_failed_write_is_reported_and_the_batch_goes_on(tmp_path, camera, monkeypatch, capsys):
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp_path / f"{name}.tif", camera)
+    real = cli.write_output
+    calls = []
+
+    def flaky(path, data, *a, **kw):
+        calls.append(path)
+        if len(calls) == 1:
+            with open(path, "wb") as fh:
+                fh.write(b"II*\0 half")
+            raise OSError(28, "No space left on device")
+        return real(path, data, *a, **kw)
+
+    monkeypatch.setattr(cli, "write_output", flaky)
+    assert main(["denoise", str(tmp_path), "--sigma", "5", *IT]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "1 done, 0 skipped, 1 failed" in err
+    assert listing(tmp_path) == ["a.tif", "b.tif", "b_ngr.tif"]
+
+
+def test_ctrl_c_during_iterations_stops_the_batch(tmp_path, camera, monkeypatch, capsys):
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp_path / f"{name}.tif", camera)
+
+    def interrupted(self):
+        yield from ()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(napari_ngr.RestorationJob, "iterate", interrupted)
+    assert main(["denoise", str(tmp_path), "--sigma", "5", *IT]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert listing(tmp_path) == ["a.tif", "b.tif"]
 
 
 def test_batch_goes_on_after_a_bad_file_and_exits_nonzero(tmp_path, camera, capsys):
-    m = np.zeros(camera.shape, np.uint8)
-    m[10:14, 5:40] = 1
+    m = bar_mask(camera.shape)
     for name in ("a", "c"):
         tifffile.imwrite(tmp_path / f"{name}.tif", camera)
         tifffile.imwrite(tmp_path / f"{name}_mask.tif", m)
     (tmp_path / "b.tif").write_bytes(b"this is not a tiff")
     tifffile.imwrite(tmp_path / "b_mask.tif", m)
     tifffile.imwrite(tmp_path / "d.tif", camera)  # no mask beside it
+    tifffile.imwrite(tmp_path / "e.tif", camera[:30, :30])  # its mask has another shape
+    tifffile.imwrite(tmp_path / "e_mask.tif", m)
     out = tmp_path / "out"
-    assert main(["inpaint", str(tmp_path), "--output-dir", str(out), "-q", *IT]) == 1
+    assert main(["inpaint", str(tmp_path), "--output-dir", str(out), *IT]) == 1
     err = capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["a_ngr.tif", "c_ngr.tif"]
+    assert listing(out) == ["a_ngr.tif", "c_ngr.tif"]
     assert "b.tif" in err and "cannot read" in err
-    assert "no mask for d.tif" in err and "2 done, 0 skipped, 2 failed" in err
+    assert "no mask for d.tif" in err
+    assert "does not match" in err
+    assert "2 done, 0 skipped, 3 failed" in err
 
 
-def test_one_mask_for_all_and_mask_mismatch(tmp_path, camera, capsys):
-    m = np.zeros(camera.shape, np.uint8)
-    m[20:24, :] = 1
-    tifffile.imwrite(tmp_path / "dust.tif", m)
+# ---------------------------------------------------------------------------- masks
+def test_mask_pairing_rule(tmp_path, camera):
+    m = bar_mask(camera.shape)
+    tifffile.imwrite(tmp_path / "p.tif", camera)
+    np.save(tmp_path / "p_mask.npy", m)  # NAME_mask.npy pairs with NAME.tif too
+    tifffile.imwrite(tmp_path / "q.tif", camera)
+    tifffile.imwrite(tmp_path / "q-holes.tif", m)  # custom suffix
+    assert main(["inpaint", str(tmp_path / "p.tif"), "-q", *IT]) == 0
+    out = tifffile.imread(tmp_path / "p_ngr.tif")
+    assert np.array_equal(out[m == 0], camera[m == 0]) and not np.array_equal(out[m == 1], camera[m == 1])
+    assert main(["inpaint", str(tmp_path / "q.tif"), "--mask-suffix=-holes", "-q", *IT]) == 0
+    assert (tmp_path / "q_ngr.tif").exists()
+    # a folder never treats masks or earlier outputs as inputs
+    found, problems = cli.expand_inputs([str(tmp_path)], "_mask")
+    assert [p.name for p in found] == ["p.tif", "q-holes.tif", "q.tif"] and not problems
+    found, _ = cli.expand_inputs([str(tmp_path)], "-holes")  # the suffix decides what is a mask
+    assert [p.name for p in found] == ["p.tif", "p_mask.npy", "q.tif"]
+
+
+def test_one_mask_for_all(tmp_path, camera):
+    tifffile.imwrite(tmp_path / "dust.tif", bar_mask(camera.shape))
     for name in ("p", "q"):
         tifffile.imwrite(tmp_path / f"{name}.tif", camera)
+        tifffile.imwrite(tmp_path / f"{name}_mask.tif", np.zeros_like(camera))  # ignored: --mask wins
     assert main(["inpaint", str(tmp_path / "p.tif"), str(tmp_path / "q.tif"), "--mask", str(tmp_path / "dust.tif"),
-                 "-q", *IT]) == 0
-    assert (tmp_path / "p_ngr.tif").exists() and (tmp_path / "q_ngr.tif").exists()
-    tifffile.imwrite(tmp_path / "small.tif", camera[:30, :30])
-    assert main(["inpaint", str(tmp_path / "small.tif"), "--mask", str(tmp_path / "dust.tif"), "-q", *IT]) == 1
-    assert "does not match" in capsys.readouterr().err
-    assert not (tmp_path / "small_ngr.tif").exists()
+                 "--output-dir", str(tmp_path / "o"), "-q", *IT]) == 0
+    assert listing(tmp_path / "o") == ["p_ngr.tif", "q_ngr.tif"]
 
 
-def test_gradients_one_file_per_axis(tmp_path, camera):
-    tifffile.imwrite(tmp_path / "z.tif", zstack_u16(camera), imagej=True, metadata={"axes": "ZYX"})
-    assert main(["denoise", str(tmp_path / "z.tif"), "--gradients", "-q", *IT]) == 0
-    for ax in "zyx":
-        g = tifffile.imread(tmp_path / f"z_ngr_grad-{ax}.tif")
-        assert g.shape == (4, 48, 48) and g.dtype == np.float32
-    assert len(list(tmp_path.glob("z_ngr_grad-*.tif"))) == 3
+def test_expand_inputs_folders_globs_and_duplicates(tmp_path):
+    for name in ("a.tif", "b.TIFF", "c.npy", "c_mask.npy", "a_ngr.tif", "a_ngr_grad-y.tif", ".a_ngr.partial-1.tif",
+                 "notes.txt", "z.ome.tif"):
+        (tmp_path / name).write_bytes(b"")
+    found, problems = cli.expand_inputs([str(tmp_path), str(tmp_path / "a.tif"), str(tmp_path / "*.npy"),
+                                         str(tmp_path / "nothing*.tif"), str(tmp_path / "missing.tif")])
+    assert [p.name for p in found] == ["a.tif", "b.TIFF", "c.npy", "z.ome.tif"]
+    assert [r for _, r in problems] == ["no .tif/.tiff/.npy image matches this pattern", "no such file or folder"]
+    assert cli.split_name("x/z.ome.tif") == ("z", ".ome.tif")
+    assert cli.output_path("x/z.ome.tif", "out").as_posix() == "out/z_ngr.ome.tif"
+    assert cli.gradient_path(cli.output_path("x/b.TIFF"), "t").as_posix() == "x/b_ngr_grad-t.TIFF"
 
 
+# ------------------------------------------------------------------------------ memory
 def test_job_that_cannot_fit_is_refused(tmp_path, camera, capsys):
     tifffile.imwrite(tmp_path / "c.tif", camera)
-    assert main(["denoise", str(tmp_path / "c.tif"), "--max-memory", "0.001", *IT]) == 1
-    assert "needs about" in capsys.readouterr().err
-    assert not (tmp_path / "c_ngr.tif").exists()
+    assert main(["denoise", str(tmp_path / "c.tif"), "--max-memory", "0.001", "-q", *IT]) == 1
+    err = capsys.readouterr().err
+    assert "refused" in err and "needs about" in err and "--max-memory" in err
+    assert listing(tmp_path) == ["c.tif"]
 
 
-def test_usage_errors_exit_2(tmp_path, camera):
+# ---------------------------------------------------------------------------- usage
+def test_usage_errors_exit_2(tmp_path, camera, capsys):
     tifffile.imwrite(tmp_path / "a.tif", camera)
     tifffile.imwrite(tmp_path / "b.tif", camera)
-    with pytest.raises(SystemExit) as e:
-        main(["denoise", str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), "-o", str(tmp_path / "x.tif")])
-    assert e.value.code == 2
-    with pytest.raises(SystemExit) as e:
-        main(["denoise", str(tmp_path / "nothing*.tif")])
-    assert e.value.code == 2
-    assert sorted(os.listdir(tmp_path)) == ["a.tif", "b.tif"]
+    a, b = str(tmp_path / "a.tif"), str(tmp_path / "b.tif")
+    assert main(["denoise", a, b, "-o", str(tmp_path / "x.tif")]) == 2  # -o with two inputs
+    assert main(["denoise", str(tmp_path / "nothing*.tif")]) == 2
+    assert main(["denoise", a, "-o", a]) == 2  # would overwrite the input
+    assert main(["denoise", a, "--iterations", "0"]) == 2
+    assert main(["denoise", a, "--axes", "QYX"]) == 2
+    assert main(["denoise", a, "--device", "tpu"]) == 2
+    assert main(["denoise", a, "-o", str(tmp_path / "x.png")]) == 2
+    assert main(["inpaint", a, "--mask", str(tmp_path / "none.tif")]) == 2
+    assert main(["frobnicate", a]) == 2
+    assert main([]) == 2
+    capsys.readouterr()
+    assert listing(tmp_path) == ["a.tif", "b.tif"]
+
+
+# ----------------------------------------------------------------------------- quality
+def test_restored_output_beats_the_input(tmp_path, camera):
+    noisy = np.clip(camera + np.random.default_rng(5).normal(0, 20, camera.shape), 0, 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "noisy.tif", noisy)
+    assert main(["denoise", str(tmp_path / "noisy.tif"), "-o", str(tmp_path / "clean.tif"), "--sigma", "20",
+                 "-q", "--iterations", "20"]) == 0
+    out = tifffile.imread(tmp_path / "clean.tif")
+    assert out.dtype == np.uint8 and out.shape == camera.shape
+    gain = psnr(camera, out) - psnr(camera, noisy)
+    assert gain > 2, f"only {gain:.2f} dB"

@@ -1,482 +1,1027 @@
-"""The ``napari-ngr`` command: batch restoration of TIFF and NumPy stacks.
+"""The ``napari-ngr`` command: batch restoration of TIFF / NumPy files without napari.
 
-Run ``napari-ngr --help`` (or ``python -m napari_ngr --help``) for the rules; they are also in
-the README. Everything here is I/O and bookkeeping around :func:`napari_ngr.prepare_inpaint` and
-:func:`napari_ngr.prepare_denoise`.
+``napari-ngr inpaint ...`` and ``napari-ngr denoise ...`` drive the same
+:class:`~napari_ngr.RestorationJob` loop as the Python API and the napari widget. See
+``napari-ngr --help`` (or :data:`RULES` below) for the rules on inputs, masks, outputs, dtypes,
+resuming and memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import math
 import os
+import secrets
+import signal
 import sys
+import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-EXTENSIONS = (".tif", ".tiff", ".npy")
+__all__ = ["main", "build_parser"]
 
-EPILOG = """\
-examples:
-  napari-ngr inpaint scan.tif --mask scan_mask.tif -o scan_restored.tif
-  napari-ngr inpaint data/ --output-dir restored/ --gradients      # pairs NAME_mask.tif with NAME.tif
-  napari-ngr inpaint "plates/*.tif" --mask dust.tif --output-dir out/ --device cuda
-  napari-ngr denoise movie.tif --axes TYX --iterations 400 -o movie_denoised.tif
-  napari-ngr denoise cube.npy --channel-axis 0 --sigma 0.05 --dtype float32 -o cube_dn.npy
+PROG = "napari-ngr"
+OUTPUT_SUFFIX = "_ngr"
+GRADIENT_INFIX = "_grad-"
+DEFAULT_MASK_SUFFIX = "_mask"
+EXTENSIONS = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".npy")  # longest first
+TIFF_EXTENSIONS = (".ome.tiff", ".ome.tif", ".tiff", ".tif")
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+RULES = """\
 inputs:
-  Several files, glob patterns (quoted or not) and folders; a folder contributes its .tif, .tiff
-  and .npy files. Files whose name ends with the mask suffix (default "_mask") are masks, not inputs.
-
-masks (inpaint):
-  --mask FILE       one mask for every input;
-  otherwise         NAME_mask.tif / NAME_mask.tiff / NAME_mask.npy beside NAME.tif (see --mask-suffix).
-  Nonzero = missing. A mask has the image's shape, the image's shape without the channel axis, or (Y, X).
+  Each INPUT is a file (.tif, .tiff, .ome.tif, .npy), a folder (every .tif/.tiff/.npy
+  directly inside it) or a glob such as "data/*.tif" (expanded by napari-ngr itself, so
+  quoting it works on Windows too; "**" recurses). Folders and globs leave out masks
+  (NAME_mask.*), earlier outputs (NAME_ngr.*, NAME_ngr_grad-*.*) and hidden files.
 
 outputs:
   -o FILE           only with a single input;
-  otherwise         OUTPUT_DIR/NAME_ngr.EXT (--output-dir; default: beside the input), same format as the input.
-  --gradients       also NAME_ngr_grad-y.EXT, NAME_ngr_grad-x.EXT and one per third axis (c, z or t).
-  Outputs are written to a hidden temporary file in the same folder and renamed when complete, so an
-  interrupted run never leaves a half-written file. An existing output is skipped (reported as
-  "skipped": re-running a batch resumes it) unless --overwrite is given.
+  otherwise         NAME_ngr.EXT in --output-dir (created if needed), or beside the
+                    input when --output-dir is not given. EXT is the input's extension.
+  --gradients       also NAME_ngr_grad-y.EXT, NAME_ngr_grad-x.EXT and one per other
+                    regularized axis (_grad-c, _grad-z or _grad-t), always float32.
+  Metadata: ImageJ TIFFs are written as ImageJ (axes, resolution, unit, spacing,
+  finterval, labels, ranges, ...); OME-TIFFs as OME (axes, PhysicalSizeX/Y/Z and units,
+  TimeIncrement, channel names); other TIFFs keep axes and resolution. .npy carries no
+  metadata. A TIFF with several series: the first is restored (the log says so).
 
-axes and metadata:
-  ImageJ and OME-TIFF axes are read from the file (RGB samples count as the channel axis); --axes or
-  --channel-axis override them. ImageJ metadata (axes, spacing, unit, frame interval, labels, X/Y
-  resolution) and OME metadata (axes, physical sizes and units, channel names) are written back in
-  the same flavour.
+axes (first that applies):
+  --axes (letters T Z C Y X, e.g. TCYX, YXC), then --channel-axis, then the file's
+  ImageJ/OME/tifffile axes (samples S count as channels C), then the defaults: 2-D is YX,
+  3-D is ZYX, 4-D needs --channel-axis or --axes. A file whose axes cannot be mapped
+  (e.g. "E" or "A") fails with a message unless --axes or --channel-axis is given.
 
-dtypes:
-  By default the output has the input's dtype: integers are rounded half to even and clipped to the
-  dtype's range. --dtype float32 keeps the floating-point result. ImageJ files only hold uint8,
-  uint16 and float32: other dtypes are written as float32.
+dtype:
+  --dtype input     (default) the input's dtype. Integer types: the restored values are
+                    rounded half to even (numpy.rint) and clipped to the dtype's range
+                    (e.g. 0..65535 for uint16). Float types: a plain cast.
+  --dtype float32   the restored float32 values, unrounded (ImageJ reads float32).
+
+existing outputs, resuming, nothing lost:
+  An existing output is never replaced without --overwrite: the file is skipped with a
+  message. So re-running the same command resumes an interrupted batch (--resume says
+  this explicitly; it is the default). With --gradients, a file counts as done when its
+  output and all its gradient files exist; missing ones are computed, existing ones are
+  kept. Every file is written to a hidden temporary file in the output's folder
+  (.NAME_ngr.partial-XXXXXXXX.EXT) and renamed when complete, so Ctrl-C, a crash or a
+  killed job never leaves a half-written output (after a SIGKILL a hidden .partial file
+  may remain; it is safe to delete). One bad file (unreadable, wrong shape, mask
+  mismatch, refused for memory) is reported and the batch goes on.
+
+memory:
+  Before any work the command prints the estimated peak memory of the largest job and
+  refuses, with a message, every file whose estimate exceeds --max-memory (GB, 1e9
+  bytes; default: the available RAM, or the free GPU memory for CUDA jobs).
+
+threads:
+  --threads N sets torch's CPU threads. On a busy or shared machine, or for small images,
+  1 or 2 is often much faster than the default (idle threads spin and compete).
+
+progress:
+  On a terminal: one bar for the files and one for the iterations of the current file.
+  Otherwise (or with --quiet) no bars; one log line per file on stderr unless --quiet
+  (which prints failures only).
 
 exit status:
-  0 all files done or skipped; 1 at least one file failed (each failure is reported with its reason
-  and the batch goes on); 2 usage error; 130 interrupted (Ctrl-C).
+  0 every file done or skipped; 1 at least one file failed (see the summary);
+  2 usage error; 130 interrupted (Ctrl-C or SIGTERM; no partial output is left).
+"""
+
+MASK_RULES = """\
+masks (inpaint; nonzero = missing):
+  --mask FILE       one mask for every input;
+  otherwise         NAME_mask.tif (.tiff, .ome.tif or .npy) beside NAME.tif;
+                    --mask-suffix changes "_mask".
+  A mask has the image's shape, the image's shape without its channel axis, or (Y, X)
+  (the same mask on every plane).
+
+"""
+
+EXAMPLES = """\
+examples:
+  napari-ngr inpaint scan.tif --mask scan_mask.tif -o scan_filled.tif
+  napari-ngr inpaint "tiles/*.tif" --output-dir restored/ --gradients
+  napari-ngr inpaint movie.tif --mask scratches.tif --axes TCYX --iterations 400 -o out.tif
+  napari-ngr denoise stack.ome.tif --sigma 12 --device cuda -o stack_dn.ome.tif
+  napari-ngr denoise data/ --output-dir denoised/ --dtype float32 --quiet
+  napari-ngr denoise rgb.npy --channel-axis -1 --seed 1 -o rgb_dn.npy
+  python -m napari_ngr --version
 """
 
 
-class FileError(Exception):
-    """A problem with one file: reported, and the batch goes on."""
+# ---------------------------------------------------------------------------- argument parsing
+class _UsageError(Exception):
+    """A problem with the command line as a whole (exit status 2)."""
 
 
-# ---------------------------------------------------------------------------------------- I/O
-@dataclass
-class Image:
-    data: np.ndarray
-    axes: str | None = None          # letters from TZCYX, or None (let the core infer)
-    flavour: str = "plain"           # "imagej", "ome", "plain", "npy"
-    file_axes: str | None = None     # axes as written in the file (for writing back)
-    meta: dict = field(default_factory=dict)
-    resolution: tuple | None = None
-    photometric: str | None = None
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
 
 
-def _map_axes(axes: str) -> str | None:
-    """File axes (tifffile letters) to core letters, or None when they say nothing useful."""
-    a = axes.upper()
-    if a.endswith("S"):
-        a = a[:-1] + "C"
-    if set(a) <= set("TZCYX") and len(set(a)) == len(a):
-        return a
+def _int(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float_ge0(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
+def _float_gt0(text):
+    v = _float_ge0(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
+
+
+def _axes_arg(text):
+    t = str(text).upper()
+    if not t or set(t) - set("TZCYX") or len(set(t)) != len(t) or "Y" not in t or "X" not in t:
+        raise argparse.ArgumentTypeError(
+            f"--axes {text!r}: use distinct letters from T, Z, C, Y, X including Y and X (e.g. TCYX, YXC, ZYX)")
+    return t
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30, width=100)
+
+
+def _epilog(masks: bool) -> str:
+    head, tail = RULES.split("outputs:\n", 1)
+    return head + (MASK_RULES if masks else "") + "outputs:\n" + tail + "\n" + EXAMPLES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import DEFAULTS, __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_Formatter,
+        description="Zero-shot restoration of TIFF and NumPy images and stacks with the Neural Gradient\n"
+                    "Regularizer: no training data, no downloads. 'napari-ngr TASK --help' lists a task's options.",
+        epilog=_epilog(masks=True))
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="task", metavar="TASK", title="tasks")
+    sub.required = True
+
+    def common(p, task):
+        d = DEFAULTS[task]
+        p.add_argument("inputs", nargs="+", metavar="INPUT",
+                       help="image files (.tif, .tiff, .ome.tif, .npy), folders or globs")
+        out = p.add_argument_group("output")
+        out.add_argument("-o", "--output", metavar="FILE", help="output file (only with a single input)")
+        out.add_argument("--output-dir", metavar="DIR",
+                         help=f"folder for NAME{OUTPUT_SUFFIX}.EXT outputs (default: beside each input)")
+        out.add_argument("--dtype", choices=("input", "float32"), default="input",
+                         help="output dtype: the input's (integers rounded half to even and clipped; "
+                              "default) or float32")
+        out.add_argument("--gradients", action="store_true",
+                         help=f"also write NAME{OUTPUT_SUFFIX}{GRADIENT_INFIX}AXIS.EXT per regularized axis (float32)")
+        ex = out.add_mutually_exclusive_group()
+        ex.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+        ex.add_argument("--resume", action="store_true",
+                        help="skip inputs whose outputs exist (the default; stated explicitly)")
+        lay = p.add_argument_group("layout")
+        lay.add_argument("--channel-axis", type=_int, metavar="N",
+                         help="axis of the channels/bands (e.g. -1 for Y,X,C; 1 for T,C,Y,X)")
+        lay.add_argument("--axes", type=_axes_arg, metavar="AXES",
+                         help="axis letters from T Z C Y X, e.g. TCYX, ZYX, YXC (overrides the file's axes)")
+        sol = p.add_argument_group("restoration")
+        sol.add_argument("--iterations", type=_positive_int, metavar="N",
+                         help=f"iteration budget (default {d['iterations']})")
+        sol.add_argument("--spatial-weight", type=_float_ge0, metavar="W",
+                         help=f"weight of the Y/X gradients (default {d['spatial_weight']})")
+        sol.add_argument("--channel-weight", type=_float_ge0, metavar="W",
+                         help=f"weight of the channel gradient (default {d['channel_weight']})")
+        sol.add_argument("--stack-weight", type=_float_ge0, metavar="W",
+                         help=f"weight of the Z/T gradient (default {d['stack_weight']})")
+        sol.add_argument("--seed", type=_int, default=0, help="random seed (default 0)")
+        sol.add_argument("--device", default="auto",
+                         help="auto (CUDA, then MPS, then CPU; default), cpu, cuda, cuda:1, mps")
+        run = p.add_argument_group("run")
+        run.add_argument("--threads", type=_positive_int, metavar="N",
+                         help="CPU threads for torch (default: torch's choice; 1-2 on a shared machine)")
+        run.add_argument("--max-memory", type=_float_gt0, metavar="GB",
+                         help="refuse files whose estimated peak memory exceeds this many GB "
+                              "(default: available RAM, or free GPU memory for CUDA)")
+        run.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines; failures only")
+
+    p_in = sub.add_parser("inpaint", formatter_class=_Formatter, epilog=_epilog(masks=True),
+                          help="fill missing pixels given by a mask (nonzero = missing)",
+                          description="Fill the missing entries (mask nonzero) of images or stacks.")
+    common(p_in, "inpaint")
+    m = p_in.add_argument_group("mask")
+    m.add_argument("--mask", metavar="FILE", help="one mask for every input (nonzero = missing)")
+    m.add_argument("--mask-suffix", default=DEFAULT_MASK_SUFFIX, metavar="SUFFIX",
+                   help=f"pair NAME.tif with NAME{{SUFFIX}}.tif (default {DEFAULT_MASK_SUFFIX!r}; "
+                        f"write --mask-suffix=-m for a suffix that starts with '-')")
+
+    p_dn = sub.add_parser("denoise", formatter_class=_Formatter, epilog=_epilog(masks=False),
+                          help="remove additive Gaussian noise",
+                          description="Remove additive Gaussian noise from images or stacks.")
+    common(p_dn, "denoise")
+    p_dn.add_argument_group("noise").add_argument(
+        "--sigma", type=_float_gt0, metavar="S",
+        help="noise standard deviation in the input's units (default: estimated per file)")
+    return parser
+
+
+# ---------------------------------------------------------------------------- names and paths
+def split_name(path) -> tuple[str, str]:
+    """``'a/b.ome.tif'`` -> ``('b', '.ome.tif')``; unknown extensions give ``(stem, suffix)``."""
+    name = Path(path).name
+    low = name.lower()
+    for ext in EXTENSIONS:
+        if low.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)], name[-len(ext):]
+    p = Path(name)
+    return p.stem, p.suffix
+
+
+def _is_supported(path) -> bool:
+    return split_name(path)[1].lower() in EXTENSIONS
+
+
+def _is_tiff(path) -> bool:
+    return split_name(path)[1].lower() in TIFF_EXTENSIONS
+
+
+def _is_derived(path, mask_suffix) -> bool:
+    """Masks, outputs, gradient outputs and hidden (temporary) files: never inputs of a folder/glob."""
+    stem, _ = split_name(path)
+    if Path(path).name.startswith("."):
+        return True
+    if mask_suffix and stem.endswith(mask_suffix):
+        return True
+    if stem.endswith(OUTPUT_SUFFIX):
+        return True
+    head, sep, tail = stem.rpartition(OUTPUT_SUFFIX + GRADIENT_INFIX)
+    return bool(sep) and tail.isalpha() and len(tail) == 1
+
+
+def _has_magic(text) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def expand_inputs(items, mask_suffix=DEFAULT_MASK_SUFFIX, exclude=()):
+    """Paths from files, folders and globs, in order, without duplicates.
+
+    Returns ``(paths, problems)`` where ``problems`` is a list of ``(item, reason)``.
+    """
+    exclude = {os.path.normcase(os.path.abspath(e)) for e in exclude if e}
+    out, seen, problems = [], set(), []
+
+    def add(p, explicit):
+        key = os.path.normcase(os.path.abspath(p))
+        if key in seen or (not explicit and key in exclude):
+            return
+        seen.add(key)
+        out.append(Path(p))
+
+    for item in items:
+        item = os.path.expanduser(str(item))
+        if os.path.isdir(item):
+            found = sorted(p for p in Path(item).iterdir()
+                           if p.is_file() and _is_supported(p) and not _is_derived(p, mask_suffix))
+            if not found:
+                problems.append((item, "folder holds no .tif/.tiff/.npy image"))
+            for p in found:
+                add(p, False)
+        elif os.path.exists(item):
+            add(Path(item), True)
+        elif _has_magic(item):
+            found = sorted(Path(p) for p in glob.glob(item, recursive=True))
+            found = [p for p in found if p.is_file() and _is_supported(p) and not _is_derived(p, mask_suffix)]
+            if not found:
+                problems.append((item, "no .tif/.tiff/.npy image matches this pattern"))
+            for p in found:
+                add(p, False)
+        else:
+            problems.append((item, "no such file or folder"))
+    return out, problems
+
+
+def find_mask(path, mask_suffix=DEFAULT_MASK_SUFFIX):
+    """``NAME{mask_suffix}.EXT`` beside ``path`` (its own extension first), or ``None``."""
+    path = Path(path)
+    stem, ext = split_name(path)
+    candidates = [ext] + [e for e in (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".npy") if e != ext.lower()]
+    for e in candidates:
+        for cand in (e, e.upper()):
+            p = path.with_name(stem + mask_suffix + cand)
+            if p.is_file():
+                return p
     return None
 
 
-def read_image(path: Path) -> Image:
-    """Read a .npy or TIFF file with its axes and metadata; FileError when it cannot be read."""
+def output_path(path, output_dir=None) -> Path:
+    stem, ext = split_name(path)
+    folder = Path(output_dir) if output_dir else Path(path).parent
+    return folder / f"{stem}{OUTPUT_SUFFIX}{ext}"
+
+
+def gradient_path(out, axis) -> Path:
+    stem, ext = split_name(out)
+    return Path(out).with_name(f"{stem}{GRADIENT_INFIX}{axis}{ext}")
+
+
+# ---------------------------------------------------------------------------- reading
+_GENERIC_AXES = set("IQ")  # tifffile's "image sequence" / "unknown": fall back to the defaults
+_AXIS_NAMES = {"A": "angle", "P": "phase", "R": "tile", "H": "lifetime", "E": "lambda", "L": "exposure",
+               "V": "event", "O": "other", "M": "mosaic"}
+
+
+@dataclass
+class ImageInfo:
+    """What a file holds, read from its header (no pixels), and the metadata to write back."""
+
+    path: Path
+    shape: tuple
+    dtype: np.dtype
+    flavour: str                      # "imagej", "ome", "tiff" or "npy"
+    file_axes: str | None = None      # tifffile's axes, e.g. "TCYX", "YXS"
+    axes: str | None = None           # mapped to T Z C Y X, or None (use the defaults)
+    axes_problem: str | None = None   # why file_axes cannot be mapped
+    imagej: dict = field(default_factory=dict)
+    ome: dict = field(default_factory=dict)
+    resolution: tuple | None = None
+    resolutionunit: object = None
+    photometric_rgb: bool = False
+    compress: bool = False
+    n_series: int = 1
+
+    @property
+    def nbytes(self):
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+def map_axes(file_axes: str):
+    """tifffile axes -> (``TZCYX`` string or None, problem or None). ``S`` (samples) is a channel axis."""
+    letters = []
+    for a in file_axes.upper():
+        if a in "TZCYX":
+            letters.append(a)
+        elif a == "S":
+            letters.append("C")
+        elif a in _GENERIC_AXES:
+            return None, None
+        else:
+            what = _AXIS_NAMES.get(a, "unknown")
+            return None, (f"the file's axes {file_axes!r} hold {a!r} ({what}), which napari-ngr cannot map to "
+                          f"T, Z, C, Y, X; give --axes (e.g. --axes {'C' + 'YX' if len(file_axes) == 3 else 'TCYX'}) "
+                          f"or --channel-axis")
+    if letters.count("C") > 1:
+        return None, (f"the file's axes {file_axes!r} have both channels (C) and samples (S); "
+                      f"give --axes to say which is the channel axis")
+    if "Y" not in letters or "X" not in letters:
+        return None, None
+    return "".join(letters), None
+
+
+def _ome_image_meta(xml: str) -> dict:
+    import tifffile
+
     try:
-        if path.suffix.lower() == ".npy":
-            return Image(np.load(path, allow_pickle=False), flavour="npy")
-        import tifffile
-
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            data = series.asarray()
-            file_axes = series.axes
-            page = tif.pages[0]
-            res = None
-            try:
-                xr, yr = page.tags["XResolution"].value, page.tags["YResolution"].value
-                res = (xr[0] / xr[1], yr[0] / yr[1])
-            except (KeyError, ZeroDivisionError, TypeError):
-                pass
-            photometric = "rgb" if file_axes.endswith("S") and data.shape[-1] in (3, 4) else None
-            if tif.is_imagej:
-                ij = dict(tif.imagej_metadata or {})
-                meta = {k: ij[k] for k in ("spacing", "unit", "finterval", "Labels", "Ranges", "mode")
-                        if k in ij and ij[k] is not None}
-                return Image(data, _map_axes(file_axes), "imagej", file_axes, meta, res, photometric)
-            if tif.is_ome:
-                meta = {}
-                try:
-                    ome = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
-                    pixels = (ome[0] if isinstance(ome, list) else ome)["Pixels"]
-                    for k, v in pixels.items():
-                        if k.startswith("PhysicalSize") or k.startswith("TimeIncrement"):
-                            meta[k] = v
-                    ch = pixels.get("Channel")
-                    ch = ch if isinstance(ch, list) else [ch] if ch else []
-                    names = [c.get("Name") for c in ch if isinstance(c, dict)]
-                    if names and all(names):
-                        meta["Channel"] = {"Name": names}
-                except Exception:  # metadata we cannot parse is dropped, the pixels still count
-                    meta = {}
-                return Image(data, _map_axes(file_axes), "ome", file_axes, meta, res, photometric)
-            axes = _map_axes(file_axes) if photometric else None
-            return Image(data, axes, "plain", file_axes, {}, res, photometric)
-    except FileError:
-        raise
-    except Exception as exc:  # unreadable, corrupt, not an image
-        raise FileError(f"cannot read {path.name}: {exc.__class__.__name__}: {exc}") from exc
+        d = tifffile.xml2dict(xml)
+    except Exception:
+        return {}
+    image = d.get("OME", {}).get("Image", {})
+    if isinstance(image, list):
+        image = image[0] if image else {}
+    pixels = image.get("Pixels", {}) or {}
+    meta = {}
+    if image.get("Name"):
+        meta["Name"] = image["Name"]
+    for k in ("PhysicalSizeX", "PhysicalSizeY", "PhysicalSizeZ", "TimeIncrement"):
+        if pixels.get(k) is not None:
+            meta[k] = pixels[k]
+            if pixels.get(k + "Unit") is not None:
+                meta[k + "Unit"] = pixels[k + "Unit"]
+    channels = pixels.get("Channel")
+    if isinstance(channels, dict):
+        channels = [channels]
+    if channels:
+        names = [c.get("Name") if isinstance(c, dict) else None for c in channels]
+        if all(n is not None for n in names):
+            meta["Channel"] = {"Name": [str(n) for n in names]}
+    return meta
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a hidden temporary file in the same folder, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}{path.suffix}")
+_IJ_STRUCTURAL = {"ImageJ", "images", "channels", "slices", "frames", "hyperstack", "axes"}
+_IJ_SPECIAL = {"Info", "Labels", "Ranges", "LUTs", "Properties", "ROI", "Overlays", "Plot"}
+
+
+def read_header(path) -> ImageInfo:
+    """Shape, dtype, axes and metadata of an image file, without reading its pixels."""
+    path = Path(path)
+    if not _is_supported(path):
+        raise ValueError(f"unsupported file type {split_name(path)[1]!r}; use .tif, .tiff, .ome.tif or .npy")
+    if not _is_tiff(path):
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        return ImageInfo(path, tuple(arr.shape), arr.dtype, "npy")
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        if not tf.series:
+            raise ValueError("the TIFF holds no image")
+        s = tf.series[0]
+        page = s.keyframe if s.keyframe is not None else tf.pages.first
+        flavour = "imagej" if tf.is_imagej else "ome" if tf.is_ome else "tiff"
+        info = ImageInfo(path, tuple(s.shape), np.dtype(s.dtype), flavour, file_axes=s.axes,
+                         n_series=len(tf.series))
+        info.axes, info.axes_problem = map_axes(s.axes)
+        try:
+            res = page.resolution
+            if res and all(r and math.isfinite(r) for r in res) and tuple(res) != (1.0, 1.0):
+                info.resolution = (float(res[0]), float(res[1]))
+                info.resolutionunit = page.resolutionunit
+        except Exception:
+            pass
+        info.photometric_rgb = int(page.photometric) == 2  # RGB
+        info.compress = int(page.compression) in (8, 32946)  # (ADOBE_)DEFLATE: zlib, no extra codec
+        if flavour == "imagej":
+            md = tf.imagej_metadata or {}
+            info.imagej = {k: v for k, v in md.items()
+                           if k not in _IJ_STRUCTURAL and (k in _IJ_SPECIAL or isinstance(v, (str, int, float, bool)))}
+        elif flavour == "ome":
+            info.ome = _ome_image_meta(tf.ome_metadata or "")
+    return info
+
+
+def read_pixels(info: ImageInfo) -> np.ndarray:
+    if info.flavour == "npy":
+        return np.load(info.path, allow_pickle=False)
+    import tifffile
+
+    with tifffile.TiffFile(info.path) as tf:
+        data = tf.series[0].asarray()
+    if tuple(data.shape) != tuple(info.shape):
+        data = data.reshape(info.shape)
+    return data
+
+
+def read_any(path) -> np.ndarray:
+    return read_pixels(read_header(path))
+
+
+# ---------------------------------------------------------------------------- writing
+def convert_dtype(image: np.ndarray, dtype) -> np.ndarray:
+    """The output dtype policy: integers rounded half to even and clipped to the dtype's range."""
+    dt = np.dtype(dtype)
+    if dt == np.bool_:
+        return np.clip(np.rint(image), 0, 1).astype(bool)
+    if np.issubdtype(dt, np.integer):
+        info = np.iinfo(dt)
+        work = image.astype(np.float64) if dt.itemsize >= 4 else np.asarray(image, np.float32)
+        out = np.rint(work)
+        np.clip(out, info.min, info.max, out=out)
+        return out.astype(dt)
+    return image.astype(dt, copy=False)
+
+
+def write_tiff(path, data: np.ndarray, info: ImageInfo | None, *, layout_axes=None, is_gradient=False):
+    """Write ``data`` (the input's shape) in the input's TIFF flavour with its metadata."""
+    import tifffile
+
+    kwargs = {}
+    flavour = info.flavour if info is not None else "npy"
+    if info is not None and info.resolution:
+        kwargs["resolution"] = info.resolution
+        if info.resolutionunit is not None:
+            kwargs["resolutionunit"] = info.resolutionunit
+    want_ome = split_name(path)[1].lower().startswith(".ome")
+    if flavour == "imagej" and data.dtype in (np.uint8, np.uint16, np.int16, np.float32):
+        md = {"axes": info.file_axes}
+        md.update({k: v for k, v in info.imagej.items()
+                   if not (is_gradient and k in ("min", "max", "Ranges"))})
+        tifffile.imwrite(path, data, imagej=True, metadata=md, **kwargs)
+        return
+    from_npy = info is None or info.flavour == "npy"
+    axes = None
+    if not from_npy and info.file_axes and len(info.file_axes) == data.ndim:
+        axes = info.file_axes
+        if (flavour == "ome" or want_ome) and set(axes) - set("TZCSYX"):
+            axes = None  # e.g. tifffile's "I" (page sequence): OME needs real letters
+    if axes is None:  # the layout's letters; a last channel axis is stored as TIFF samples
+        axes = layout_axes
+        if axes and axes.endswith("C"):
+            axes = axes[:-1] + "S"
+    kwargs.update(_photometric(axes, data.shape, rgb_file=bool(info and info.photometric_rgb), from_npy=from_npy))
+    if info is not None and info.compress:
+        kwargs["compression"] = "zlib"
+    if flavour == "ome" or want_ome:
+        md = {"axes": axes} if axes else {}
+        if info is not None:
+            md.update(info.ome)
+            ch = md.get("Channel", {}).get("Name")
+            n_ch = data.shape[axes.index("C")] if axes and "C" in axes else \
+                data.shape[axes.index("S")] if axes and "S" in axes else 1
+            if ch is not None and len(ch) != n_ch:
+                md.pop("Channel")
+        tifffile.imwrite(path, data, ome=True, metadata=md, **kwargs)
+        return
+    md = {"axes": axes} if axes and len(axes) == data.ndim and not (set(axes) & _GENERIC_AXES) else {}
+    tifffile.imwrite(path, data, ome=False, metadata=md, **kwargs)
+
+
+def _photometric(axes, shape, *, rgb_file, from_npy) -> dict:
+    """photometric/planarconfig for TIFF axes: samples (S) last are contiguous, before Y X separate.
+
+    RGB when the input TIFF was RGB (3 or 4 samples), or for 3 samples from a .npy array.
+    """
+    if not axes or "S" not in axes or len(axes) != len(shape):
+        return {"photometric": "minisblack"}
+    i = axes.index("S")
+    if i == len(axes) - 1:
+        planar = "contig"
+    elif i == len(axes) - 3:
+        planar = "separate"
+    else:
+        return {"photometric": "minisblack"}
+    rgb = (rgb_file and shape[i] in (3, 4)) or (from_npy and shape[i] == 3)
+    return {"photometric": "rgb" if rgb else "minisblack", "planarconfig": planar}
+
+
+def write_npy(path, data):
+    with open(path, "wb") as fh:
+        np.save(fh, data, allow_pickle=False)
+
+
+def write_output(path, data, info, *, layout_axes=None, is_gradient=False):
+    """Write ``data`` to ``path`` in the format of ``path``'s extension. (Replaceable in tests.)"""
+    if _is_tiff(path):
+        write_tiff(path, data, info, layout_axes=layout_axes, is_gradient=is_gradient)
+    else:
+        write_npy(path, data)
+
+
+def _temp_path(final: Path) -> Path:
+    stem, ext = split_name(final)
+    for _ in range(100):
+        p = final.with_name(f".{stem}.partial-{secrets.token_hex(4)}{ext}")
+        try:
+            with open(p, "xb"):
+                return p
+        except FileExistsError:
+            continue
+    raise OSError(f"cannot create a temporary file beside {final}")
+
+
+def atomic_write(final, writer: Callable[[Path], None], *, overwrite=False):
+    """Write through ``writer(tmp)`` to a hidden temporary file beside ``final``, then rename it.
+
+    On any exception (KeyboardInterrupt included) the temporary file is removed and ``final`` is
+    untouched. Without ``overwrite`` an output that appeared meanwhile is not replaced.
+    """
+    final = Path(final)
+    tmp = _temp_path(final)
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        writer(tmp)
+        if not overwrite and final.exists():
+            raise FileExistsError(f"{final} appeared while it was being written; not replaced")
+        os.replace(tmp, final)
     except BaseException:
         try:
-            tmp.unlink()
-        except FileNotFoundError:
+            os.unlink(tmp)
+        except OSError:
             pass
         raise
 
 
-def write_image(path: Path, data: np.ndarray, like: Image) -> None:
-    """Write ``data`` in ``like``'s flavour and metadata, atomically."""
-    if path.suffix.lower() == ".npy":
-        def w(tmp):
-            with open(tmp, "wb") as fh:
-                np.save(fh, data)
-        return _atomic_write(path, w)
-    import tifffile
-
-    kw = {}
-    if like.resolution is not None:
-        kw["resolution"] = like.resolution
-    axes = like.file_axes
-    if like.flavour == "imagej":
-        if data.dtype not in (np.uint8, np.uint16, np.float32):
-            data = data.astype(np.float32)
-        meta = dict(like.meta)
-        if axes is not None:
-            meta["axes"] = axes
-        if data.dtype == np.float32:
-            meta.pop("Ranges", None)
-        kw.update(imagej=True, metadata=meta)
-    elif like.flavour == "ome":
-        meta = dict(like.meta)
-        if axes is not None:
-            meta["axes"] = axes
-        kw.update(ome=True, metadata=meta)
-    else:
-        kw["metadata"] = None
-    if like.photometric and data.shape[-1] in (3, 4) and data.dtype in (np.uint8, np.uint16):
-        kw["photometric"] = like.photometric
-    elif data.ndim >= 2 and like.flavour != "imagej":
-        kw["photometric"] = "minisblack"
-
-    def w(tmp):
-        tifffile.imwrite(tmp, data, **kw)
-
-    _atomic_write(path, w)
-
-
-def cast_output(restored: np.ndarray, in_dtype, policy: str) -> np.ndarray:
-    """The output dtype policy: the input's (integers rounded half to even, clipped) or float32."""
-    if policy == "float32":
-        return restored.astype(np.float32, copy=False)
-    dt = np.dtype(in_dtype)
-    if dt.kind in "ui":
-        info = np.iinfo(dt)
-        return np.clip(np.rint(restored), info.min, info.max).astype(dt)
-    if dt.kind == "b":
-        return restored > 0.5
-    return restored.astype(dt, copy=False)
-
-
-# ------------------------------------------------------------------------------ the batch
-def expand_inputs(items, mask_suffix: str) -> list[Path]:
-    """Files from paths, glob patterns and folders, in order, without masks or duplicates."""
-    out, seen = [], set()
-
-    def add(p: Path):
-        if p.suffix.lower() not in EXTENSIONS or p.name.startswith("."):
-            return
-        if p.stem.endswith(mask_suffix):
-            return
-        key = p.resolve()
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
-
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            for q in sorted(p.iterdir()):
-                if q.is_file():
-                    add(q)
-        elif p.exists():
-            if p.suffix.lower() not in EXTENSIONS:
-                raise FileError(f"{item}: not a .tif, .tiff or .npy file")
-            key = p.resolve()
-            if key not in seen:
-                seen.add(key)
-                out.append(p)
-        else:
-            matches = sorted(glob.glob(item))
-            if not matches:
-                raise FileError(f"{item}: no such file, folder or matching pattern")
-            for m in matches:
-                if Path(m).is_file():
-                    add(Path(m))
-    return out
-
-
-def find_mask(path: Path, args) -> Path:
-    if args.mask:
-        return Path(args.mask)
-    for ext in (".tif", ".tiff", ".npy"):
-        cand = path.with_name(path.stem + args.mask_suffix + ext)
-        if cand.exists():
-            return cand
-    raise FileError(f"no mask for {path.name}: expected {path.stem}{args.mask_suffix}.tif (or .tiff, .npy) "
-                    "beside it, or give --mask")
-
-
-def output_paths(path: Path, args, n_inputs: int) -> Path:
-    if args.output:
-        return Path(args.output)
-    folder = Path(args.output_dir) if args.output_dir else path.parent
-    return folder / f"{path.stem}_ngr{path.suffix}"
-
-
-def gradient_path(out: Path, axis: str) -> Path:
-    return out.with_name(f"{out.stem}_grad-{axis}{out.suffix}")
-
-
-def available_memory() -> int:
-    """Bytes of memory available now (Linux /proc/meminfo, else physical pages)."""
+# ---------------------------------------------------------------------------- memory
+def available_ram():
+    """Bytes of memory available to a new job, or None when unknown."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 40
+        import psutil  # optional
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
-def _memory_limit(args, device) -> tuple[int, str]:
-    if args.max_memory is not None:
-        return int(args.max_memory * 2**30), "--max-memory"
-    if device.type == "cuda":
+def _gpu_free(device):
+    try:
         import torch
 
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free), "free GPU memory"
-    return available_memory(), "available RAM"
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    except Exception:
+        return None
 
 
-def _fmt_gb(b: float) -> str:
-    return f"{b / 2**30:.2f} GiB"
+def _gb(n) -> str:
+    return f"{n / 1e9:.2f} GB" if n < 100e9 else f"{n / 1e9:.0f} GB"
 
 
-class _Log:
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
+# ---------------------------------------------------------------------------- one batch
+@dataclass
+class _Item:
+    src: Path
+    out: Path | None = None
+    mask: Path | None = None
+    info: ImageInfo | None = None
+    channel_axis: int | None = None
+    axes: str | None = None
+    axis_names: list = field(default_factory=list)
+    targets: list = field(default_factory=list)   # [(kind, path)] still to write
+    status: str = "todo"                          # todo, skipped, failed, done
+    reason: str = ""
+    needed: int = 0
+    host: int = 0
+    core: int = 0
 
-    def __call__(self, msg: str, bar=None):
-        if self.quiet:
+
+class _Reporter:
+    def __init__(self, quiet: bool, bars: bool):
+        self.quiet, self.bars = quiet, bars
+        self.file_bar = None
+
+    def log(self, msg, *, error=False):
+        if self.quiet and not error:
             return
-        if bar is not None:
-            bar.write(msg, file=sys.stderr)
+        if self.file_bar is not None:
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
         else:
             print(msg, file=sys.stderr, flush=True)
 
 
-def process_file(path: Path, args, device, log, bar_files, use_bars) -> str:
-    """Restore one file; returns "done" or "skipped"; raises FileError for a reason to report."""
-    import napari_ngr
+def _layout_for(info: ImageInfo, args):
+    if args.axes:
+        return None, args.axes, "--axes"
+    if args.channel_axis is not None:
+        return args.channel_axis, None, "--channel-axis"
+    if info.axes_problem:
+        raise ValueError(info.axes_problem)
+    if info.axes:
+        return None, info.axes, f"the file's axes {info.file_axes!r}"
+    return None, None, "the defaults"
 
-    out = output_paths(path, args, 1)
-    if out.resolve() == path.resolve():
-        raise FileError(f"{path.name}: the output would overwrite the input")
-    if out.exists() and not args.overwrite:
-        log(f"skipped {path.name}: {out} exists (use --overwrite to replace it)", bar_files)
-        return "skipped"
-    img = read_image(path)
-    axes = args.axes.upper() if args.axes else (None if args.channel_axis is not None else img.axes)
-    if axes is None and args.channel_axis is None and img.data.ndim == 3 and img.photometric:
-        axes = "YXC"
-    kwargs = dict(channel_axis=args.channel_axis, axes=axes, iterations=args.iterations,
+
+def _plan(item: _Item, args, task, limit, ram, gpu_free, device):
+    """Header, layout, outputs still to write, mask and memory of one input; sets status/reason."""
+    from . import estimate_memory
+    from ._layout import resolve_layout
+
+    overwrite = args.overwrite
+    if not args.gradients and not overwrite and item.out.exists():
+        item.status, item.reason = "skipped", f"{item.out} exists (--overwrite replaces it)"
+        return
+    info = read_header(item.src)
+    item.info = info
+    ca, axes, source = _layout_for(info, args)
+    try:
+        layout = resolve_layout(info.shape, ca, axes)
+    except ValueError as exc:
+        raise ValueError(f"{exc} [shape {info.shape}, axes from {source}; set them with --axes]") from None
+    item.channel_axis, item.axes = ca, axes
+    item.axis_names = list(layout.axis_names())
+    wanted = [("image", item.out)]
+    if args.gradients:
+        wanted = [(f"grad-{a}", gradient_path(item.out, a)) for a in item.axis_names] + wanted
+    item.targets = [(k, p) for k, p in wanted if overwrite or not p.exists()]
+    if not item.targets:
+        item.status, item.reason = "skipped", f"{item.out} exists (--overwrite replaces it)"
+        return
+    if task == "inpaint":
+        item.mask = Path(args.mask) if args.mask else find_mask(item.src, args.mask_suffix)
+        if item.mask is None:
+            stem, ext = split_name(item.src)
+            raise ValueError(f"no mask for {item.src.name}: expected {stem}{args.mask_suffix}{ext} "
+                             f"(or .tif, .tiff, .npy) beside it, or give --mask FILE")
+    n = int(np.prod(info.shape))
+    item.core = estimate_memory(info.shape, channel_axis=ca, axes=axes)
+    item.host = info.nbytes + n * 4 * 3 + (n if task == "inpaint" else 0)
+    if args.gradients:
+        item.host += n * 4 * len(item.axis_names)
+    item.needed = item.core + item.host
+    if args.max_memory is None and device.type == "cuda":
+        checks = [(item.core, gpu_free, "free GPU memory"), (item.host, ram, "available RAM")]
+    else:
+        checks = [(item.needed, limit, "--max-memory" if args.max_memory is not None else "available RAM")]
+    for need, have, what in checks:
+        if have is not None and need > have:
+            item.status = "failed"
+            item.reason = (f"refused: needs about {_gb(need)} of memory, more than the {_gb(have)} of {what} "
+                           f"(shape {info.shape}); crop or split the stack, use a machine or GPU with more memory, "
+                           f"or raise --max-memory if the estimate is too cautious")
+            return
+
+
+def _run_one(item: _Item, args, task, device, rep: _Reporter, prefix: str):
+    from . import DEFAULTS, prepare_denoise, prepare_inpaint
+
+    info = item.info
+    image = read_pixels(info)
+    common = dict(channel_axis=item.channel_axis, axes=item.axes, iterations=args.iterations,
                   spatial_weight=args.spatial_weight, channel_weight=args.channel_weight,
                   stack_weight=args.stack_weight, seed=args.seed, device=device)
-    if img.data.ndim < 2 or img.data.size == 0:
-        raise FileError(f"{path.name}: not an image (shape {img.data.shape})")
-    try:
-        need = napari_ngr.estimate_memory(img.data.shape, channel_axis=args.channel_axis, axes=axes)
-    except ValueError as exc:
-        raise FileError(f"{path.name}: {exc}") from exc
-    limit, what = _memory_limit(args, device)
-    log(f"{path.name}: shape {img.data.shape} {img.data.dtype}, axes {axes or 'inferred'}, "
-        f"needs about {_fmt_gb(need)} ({what}: {_fmt_gb(limit)})", bar_files)
-    if need > limit:
-        raise FileError(f"{path.name}: needs about {_fmt_gb(need)} but only {_fmt_gb(limit)} ({what}) is "
-                        "available; crop or bin the stack, or use a larger machine")
-    try:
-        if args.task == "inpaint":
-            mpath = find_mask(path, args)
-            mask = read_image(mpath).data
-            job = napari_ngr.prepare_inpaint(img.data, mask, **kwargs)
-        else:
-            job = napari_ngr.prepare_denoise(img.data, sigma=args.sigma, **kwargs)
-    except ValueError as exc:
-        raise FileError(f"{path.name}: {exc}") from exc
-
+    if task == "inpaint":
+        try:
+            mask = read_any(item.mask)
+        except Exception as exc:
+            raise ValueError(f"cannot read the mask {item.mask}: {_describe(exc)}") from None
+        try:
+            job = prepare_inpaint(image, mask, **common)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (mask {item.mask.name})") from None
+        del mask
+    else:
+        job = prepare_denoise(image, sigma=args.sigma, **common)
     t0 = time.perf_counter()
     bar = None
-    if use_bars:
+    if rep.bars:
         from tqdm import tqdm
 
-        bar = tqdm(total=job.total, desc=path.name, unit="it", leave=False, position=1, file=sys.stderr)
+        bar = tqdm(total=job.total, desc=item.src.name[:30], unit="it", position=1, leave=False,
+                   file=sys.stderr, dynamic_ncols=True)
     try:
         for rec in job.iterate():
             if bar is not None:
                 bar.update(1)
+                post = {"loss": f"{rec.loss:.3g}"}
+                if rec.validation is not None:
+                    post["val"] = f"{rec.validation:.3g}"
+                bar.set_postfix(post, refresh=False)
     finally:
         if bar is not None:
             bar.close()
     res = job.result()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.gradients:
-        for ax, g in res.gradients.items():
-            write_image(gradient_path(out, ax), g.astype(np.float32), img)
-    write_image(out, cast_output(res.image, img.data.dtype, args.dtype), img)  # last: its presence = done
-    note = f", sigma {res.sigma:.4g}" if res.sigma is not None else ""
-    log(f"done {path.name} -> {out} ({res.iteration} iterations, returned {res.best_iteration}, "
-        f"{res.stop_reason}{note}, {time.perf_counter() - t0:.1f} s on {job.device})", bar_files)
-    return "done"
+    elapsed = time.perf_counter() - t0
+    del job
+    layout_axes = item.axes
+    if layout_axes is None:
+        from ._layout import resolve_layout
+
+        layout_axes = resolve_layout(info.shape, item.channel_axis, None).axes
+    out_dtype = np.float32 if args.dtype == "float32" else np.dtype(info.dtype).newbyteorder("=")
+    written = []
+    for kind, path in item.targets:  # gradients first, the image last
+        if kind == "image":
+            data = convert_dtype(res.image, out_dtype)
+        else:
+            data = res.gradients[kind[len("grad-"):]].astype(np.float32, copy=False)
+        atomic_write(path, lambda tmp, d=data, g=(kind != "image"): write_output(
+            tmp, d, info, layout_axes=layout_axes, is_gradient=g), overwrite=args.overwrite)
+        written.append(path)
+    extra = f", sigma {res.sigma:.4g}" if res.sigma is not None else ""
+    n_grad = sum(1 for k, _ in item.targets if k != "image")
+    if any(k == "image" for k, _ in item.targets):
+        target = f"{item.out}" + (f" (+{n_grad} gradient file(s))" if n_grad else "")
+    else:
+        target = f"{', '.join(p.name for p in written)} (missing gradient file(s); {item.out.name} kept)"
+    item.reason = (f"{res.iteration} iterations in {elapsed:.1f} s on {device}, returned iteration "
+                   f"{res.best_iteration} ({res.stop_reason}{extra})")
+    warmup = DEFAULTS[task]["options"].get("warmup", 0) if task == "inpaint" else 0
+    if warmup and res.iteration <= warmup:
+        item.reason += f"; the budget ended within the {warmup}-iteration warm-up: the interpolated start was returned"
+    elif warmup and res.best_iteration <= warmup:
+        item.reason += "; the interpolated start was returned (no iterate beat it on the held-out pixels)"
+    if info.n_series > 1:
+        item.reason += f"; only the first of the file's {info.n_series} series was restored"
+    rep.log(f"{prefix} {item.src} -> {target}: done, {item.reason}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ._version import __version__
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    if isinstance(exc, (ValueError, FileExistsError)):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return f"no such file: {exc.filename}" if exc.filename else str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    name = type(exc).__name__
+    if name == "TiffFileError":
+        return f"not a readable TIFF ({exc})"
+    if name == "OutOfMemoryError":
+        return f"out of GPU memory ({exc}); use --device cpu, a smaller stack or --max-memory"
+    return f"{name}: {exc}"
 
-    p = argparse.ArgumentParser(
-        prog="napari-ngr", description="Zero-shot restoration of images and stacks with the Neural Gradient "
-        "Regularizer (NGR): inpainting of masked defects and Gaussian denoising, in batch.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"napari-ngr {__version__}")
-    sub = p.add_subparsers(dest="task", metavar="TASK", required=True)
 
-    def common(sp):
-        sp.add_argument("inputs", nargs="+", metavar="INPUT", help="files (.tif, .tiff, .npy), glob patterns or folders")
-        sp.add_argument("-o", "--output", help="output file (single input only)")
-        sp.add_argument("--output-dir", help="folder for outputs NAME_ngr.EXT (default: beside each input)")
-        sp.add_argument("--iterations", type=int, help="iteration budget (default: the library's per task)")
-        sp.add_argument("--spatial-weight", type=float, help="weight of the Y and X gradients (default 1)")
-        sp.add_argument("--channel-weight", type=float, help="weight of the channel/band gradient")
-        sp.add_argument("--stack-weight", type=float, help="weight of the Z or T gradient")
-        sp.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-        sp.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N or mps")
-        sp.add_argument("--channel-axis", type=int, help="index of the channel axis (overrides file metadata)")
-        sp.add_argument("--axes", help="axis letters from TZCYX, e.g. TCYX or ZYX (overrides file metadata)")
-        sp.add_argument("--dtype", choices=("input", "float32"), default="input",
-                        help="output dtype: the input's (default; integers rounded and clipped) or float32")
-        sp.add_argument("--gradients", action="store_true", help="also write one gradient-map file per axis")
-        sp.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
-        sp.add_argument("--max-memory", type=float, metavar="GIB",
-                        help="refuse jobs estimated above this many GiB (default: available RAM, or free GPU memory)")
-        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no log lines, only errors")
-        sp.add_argument("--mask-suffix", default="_mask", help="suffix of paired mask files (default _mask)")
+class _Terminated(KeyboardInterrupt):
+    pass
 
-    sp = sub.add_parser("inpaint", help="fill masked (missing) pixels", epilog=EPILOG,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    common(sp)
-    sp.add_argument("--mask", help="one mask file for every input (nonzero = missing); default: NAME_mask.tif")
-    sp = sub.add_parser("denoise", help="remove additive Gaussian noise", epilog=EPILOG,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    common(sp)
-    sp.add_argument("--sigma", type=float, help="noise standard deviation in the image's units (default: estimated)")
-    sp.set_defaults(mask=None)
-    return p
+
+def _run(args) -> int:
+    from . import __version__, resolve_device
+
+    task = args.task
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    mask_suffix = getattr(args, "mask_suffix", DEFAULT_MASK_SUFFIX)
+    mask_file = getattr(args, "mask", None)
+    if mask_file is not None and not os.path.isfile(mask_file):
+        raise _UsageError(f"--mask {mask_file}: no such file")
+    if task == "inpaint" and not mask_suffix:
+        raise _UsageError("--mask-suffix must not be empty")
+    if args.output and args.output_dir:
+        raise _UsageError("give either -o/--output (one input) or --output-dir, not both")
+    if args.output and not _is_supported(args.output):
+        raise _UsageError(f"-o {args.output}: the name must end with .tif, .tiff, .ome.tif or .npy")
+    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise _UsageError(f"--output-dir {args.output_dir} exists and is not a folder")
+
+    paths, problems = expand_inputs(args.inputs, mask_suffix, exclude=[mask_file])
+    if not paths:
+        raise _UsageError("no input file: " + "; ".join(f"{p}: {r}" for p, r in problems))
+    if args.output and len(paths) + len(problems) != 1:
+        raise _UsageError(f"-o/--output names one output but {len(paths)} inputs were given; use --output-dir")
+    quiet = args.quiet
+    bars = not quiet and sys.stderr.isatty()
+    rep = _Reporter(quiet, bars)
+
+    items: list[_Item] = []
+    failed_inputs = [(_Item(Path(p), status="failed", reason=r)) for p, r in problems]
+    protected = {os.path.normcase(os.path.abspath(p)) for p in paths}
+    if mask_file:
+        protected.add(os.path.normcase(os.path.abspath(mask_file)))
+    claimed = {}
+    for p in paths:
+        it = _Item(p)
+        it.out = Path(args.output) if args.output else output_path(p, args.output_dir)
+        key = os.path.normcase(os.path.abspath(it.out))
+        if key in protected:
+            if args.output:
+                raise _UsageError(f"-o {args.output} is an input or the mask; it is never overwritten")
+            it.status, it.reason = "failed", f"its output {it.out} is itself an input"
+        elif key in claimed:
+            it.status, it.reason = "failed", f"same output {it.out} as {claimed[key]}"
+        else:
+            claimed[key] = p
+        items.append(it)
+
+    ram = available_ram()
+    gpu_free = _gpu_free(device) if device.type == "cuda" else None
+    if args.max_memory is not None:
+        limit, limit_what = int(args.max_memory * 1e9), "--max-memory"
+    elif device.type == "cuda":
+        limit, limit_what = gpu_free, "free GPU memory"
+    else:
+        limit, limit_what = ram, "available RAM"
+
+    for it in items:
+        if it.status != "todo":
+            continue
+        try:
+            _plan(it, args, task, limit, ram, gpu_free, device)
+        except Exception as exc:
+            it.status, it.reason = "failed", f"cannot read {it.src.name}: {_describe(exc)}" \
+                if it.info is None else _describe(exc)
+
+    all_items = failed_inputs + items
+    n = len(all_items)
+    todo = [it for it in items if it.status == "todo"]
+    rep.log(f"{PROG} {__version__}: {task}, {n} input(s) ({len(todo)} to do), device {device}")
+    if todo:
+        big = max(todo, key=lambda i: i.needed)
+        lim = f"{_gb(limit)} ({limit_what})" if limit is not None else "unknown (pass --max-memory to set one)"
+        rep.log(f"memory: the largest job ({big.src.name}, shape {big.info.shape}) needs about "
+                f"{_gb(big.needed)}; limit {lim}")
+    for it in all_items:
+        if it.status == "failed" and it.reason.startswith("refused"):
+            rep.log(f"{it.src}: {it.reason}", error=True)
+
+    file_bar = None
+    if bars:
+        from tqdm import tqdm
+
+        file_bar = tqdm(total=n, desc="files", unit="file", position=0, file=sys.stderr, dynamic_ncols=True)
+        rep.file_bar = file_bar
+    interrupted = None
+    try:
+        for i, it in enumerate(all_items, 1):
+            prefix = f"[{i}/{n}]"
+            if it.status == "skipped":
+                rep.log(f"{prefix} {it.src}: skipped, {it.reason}")
+            elif it.status == "failed":
+                if not it.reason.startswith("refused"):
+                    rep.log(f"{prefix} {it.src}: FAILED: {it.reason}", error=True)
+            else:
+                if file_bar is not None:
+                    file_bar.set_postfix_str(it.src.name[:40], refresh=True)
+                # another run on the same files may have written them meanwhile
+                it.targets = [(k, p) for k, p in it.targets if args.overwrite or not p.exists()]
+                if not it.targets:
+                    it.status, it.reason = "skipped", f"{it.out} exists (written meanwhile by another run)"
+                    rep.log(f"{prefix} {it.src}: skipped, {it.reason}")
+                    if file_bar is not None:
+                        file_bar.update(1)
+                    continue
+                try:
+                    it.out.parent.mkdir(parents=True, exist_ok=True)
+                    _run_one(it, args, task, device, rep, prefix)
+                    it.status = "done"
+                except KeyboardInterrupt as exc:
+                    it.status, it.reason = "interrupted", "interrupted"
+                    interrupted = exc
+                    break
+                except Exception as exc:
+                    it.status, it.reason = "failed", _describe(exc)
+                    rep.log(f"{prefix} {it.src}: FAILED: {it.reason}", error=True)
+            if file_bar is not None:
+                file_bar.update(1)
+    finally:
+        if file_bar is not None:
+            file_bar.close()
+            rep.file_bar = None
+
+    done = [it for it in all_items if it.status == "done"]
+    skipped = [it for it in all_items if it.status == "skipped"]
+    failed = [it for it in all_items if it.status == "failed"]
+    not_run = [it for it in all_items if it.status == "todo"]
+    summary = f"{PROG}: {len(done)} done, {len(skipped)} skipped, {len(failed)} failed"
+    if interrupted is not None:
+        how = "SIGTERM" if isinstance(interrupted, _Terminated) else "Ctrl-C"
+        summary += (f", 1 interrupted ({how}; no partial output left), {len(not_run)} not started; "
+                    f"run the same command again to resume")
+    if failed:
+        summary += ":\n" + "\n".join(f"  {it.src}: {it.reason}" for it in failed)
+    if interrupted is not None or failed or not quiet:
+        rep.log(summary, error=bool(failed) or interrupted is not None)
+    if interrupted is not None:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def main(argv=None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 a file failed, 2 usage, 130 interrupted)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    log = _Log(args.quiet)
     try:
-        inputs = expand_inputs(args.inputs, args.mask_suffix)
-    except FileError as exc:
-        parser.exit(2, f"napari-ngr: error: {exc}\n")
-    if not inputs:
-        parser.exit(2, "napari-ngr: error: no input files (.tif, .tiff, .npy) found\n")
-    if args.output and len(inputs) > 1:
-        parser.exit(2, f"napari-ngr: error: -o/--output takes a single input, got {len(inputs)}; use --output-dir\n")
-    if args.mask and not Path(args.mask).exists():
-        parser.exit(2, f"napari-ngr: error: mask {args.mask} does not exist\n")
-    if args.iterations is not None and args.iterations < 1:
-        parser.exit(2, "napari-ngr: error: --iterations must be at least 1\n")
-    import napari_ngr
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else EXIT_USAGE)
 
+    threads = None
+    if args.threads:  # restored afterwards: main() may be called from Python
+        import torch
+
+        threads = torch.get_num_threads()
+    old = None
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main and hasattr(signal, "SIGTERM"):
+        def _term(signum, frame):
+            raise _Terminated()
+
+        try:
+            old = signal.signal(signal.SIGTERM, _term)
+        except (ValueError, OSError):
+            old = None
     try:
-        device = napari_ngr.resolve_device(args.device)
-    except ValueError as exc:
-        parser.exit(2, f"napari-ngr: error: {exc}\n")
+        return _run(args)
+    except _UsageError as exc:
+        print(f"{PROG} {args.task}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # before or after the batch loop (which handles its own)
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+        if threads is not None:
+            import torch
 
-    use_bars = not args.quiet and sys.stderr.isatty()
-    bar_files = None
-    if use_bars:
-        from tqdm import tqdm
-
-        bar_files = tqdm(total=len(inputs), desc="files", unit="file", position=0, file=sys.stderr)
-    done, skipped, failed = [], [], []
-    try:
-        for path in inputs:
-            try:
-                status = process_file(path, args, device, log, bar_files, use_bars)
-                (done if status == "done" else skipped).append(path)
-            except FileError as exc:
-                failed.append((path, str(exc)))
-                print(f"FAILED {exc}", file=sys.stderr, flush=True)
-            except Exception as exc:  # a bug or an unexpected library error: report it, go on
-                reason = f"{path.name}: {exc.__class__.__name__}: {exc}"
-                if exc.__class__.__name__ == "OutOfMemoryError":
-                    reason += " (out of GPU memory: use --device cpu or crop the stack)"
-                failed.append((path, reason))
-                print(f"FAILED {reason}", file=sys.stderr, flush=True)
-                if os.environ.get("NAPARI_NGR_DEBUG"):
-                    traceback.print_exc()
-            if bar_files is not None:
-                bar_files.update(1)
-    except KeyboardInterrupt:
-        if bar_files is not None:
-            bar_files.close()
-        print(f"\ninterrupted: {len(done)} done, {len(skipped)} skipped; no partial file was left",
-              file=sys.stderr)
-        return 130
-    if bar_files is not None:
-        bar_files.close()
-    summary = f"{len(done)} done, {len(skipped)} skipped, {len(failed)} failed"
-    if failed:
-        print(f"napari-ngr: {summary}:", file=sys.stderr)
-        for path, reason in failed:
-            print(f"  {reason}", file=sys.stderr)
-        return 1
-    log(f"napari-ngr: {summary}")
-    return 0
+            torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":  # pragma: no cover
