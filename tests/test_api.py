@@ -242,3 +242,16 @@ def test_estimate_memory_grows_with_size():
     small = napari_ngr.estimate_memory((64, 64))
     big = napari_ngr.estimate_memory((200, 256, 256), channel_axis=0)
     assert 0 < small < big
+
+
+def test_nan_allowed_only_where_missing(gray48):
+    """Remote-sensing 'no data' (NaN) is fine where the mask marks it missing, an error elsewhere."""
+    missing = np.zeros(gray48.shape, bool)
+    missing[10:20, 5:30] = True
+    img = np.where(missing, np.nan, gray48)
+    out = napari_ngr.inpaint(img, missing, iterations=5)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out[~missing], gray48[~missing], atol=1e-5)
+    img[40, 40] = np.nan  # an observed NaN
+    with pytest.raises(ValueError, match="does not mark missing"):
+        napari_ngr.inpaint(img, missing, iterations=5)

@@ -64,15 +64,16 @@ class RestorationResult:
     history: list = field(default_factory=list)
 
 
-def _check_image(image) -> np.ndarray:
+def _check_image(image, finite: bool = True) -> np.ndarray:
     a = np.asarray(image)
     if a.dtype == object or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)
                                  or a.dtype == bool):
         raise ValueError(f"image must be a real numeric array, got dtype {a.dtype}")
     if a.size == 0:
         raise ValueError(f"image is empty (shape {a.shape})")
-    if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
-        raise ValueError("image contains NaN or inf values; replace them (or mark them in the mask) first")
+    if finite and np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+        raise ValueError("image contains NaN or inf values; replace them first (inpaint accepts them "
+                         "where the mask marks entries missing)")
     return a
 
 
@@ -214,7 +215,7 @@ def prepare_inpaint(image, mask, *, channel_axis=None, axes=None, iterations=Non
                     channel_weight=None, stack_weight=None, seed=0, device=None, preview_every=0,
                     **options) -> RestorationJob:
     """Prepare :func:`inpaint` without running it; see :func:`inpaint` for the parameters."""
-    a = _check_image(image)
+    a = _check_image(image, finite=False)  # NaN/inf allowed where the mask marks entries missing
     layout = resolve_layout(a.shape, channel_axis, axes)
     m = np.asarray(mask)
     if m.dtype == object:
@@ -230,6 +231,9 @@ def prepare_inpaint(image, mask, *, channel_axis=None, axes=None, iterations=Non
         raise ValueError("mask leaves no observed entry")
     dev = resolve_device(device)
     internal = layout.to_internal(a)
+    if np.issubdtype(internal.dtype, np.floating) and not np.all(np.isfinite(internal[~missing])):
+        raise ValueError("image contains NaN or inf values at entries the mask does not mark missing; "
+                         "mark them in the mask (nonzero = missing) or replace them")
     scaler = _Scaler(internal, ~missing)
     y = np.where(missing, 0.0, scaler.forward(internal)).astype(np.float32)
     opt = _options("inpaint", iterations, seed, options)
