@@ -98,35 +98,50 @@ def make_zstack(size: int = 128, depth: int | None = None, seed: int = 0) -> dic
 
 
 def make_timelapse(size: int = 128, frames: int | None = None, seed: int = 0) -> dict:
-    """A (T, Y, X) time-lapse of drifting fluorescent cells in which whole scan lines dropped
-    out (recorded as 0); ``mask`` marks the missing lines."""
+    """A (T, Y, X) time-lapse of drifting, textured fluorescent cells in which whole scan lines
+    dropped out (recorded as 0), singly and in bursts; ``mask`` marks the missing lines.
+
+    The cells carry bright granules that move with them, so a missing line is best filled from
+    the neighbouring frames (where it was observed), not by smooth interpolation in the frame.
+    """
     from scipy import ndimage
 
     rng = np.random.default_rng(seed)
     frames = frames or max(6, size // 8)
     n = max(5, size // 12)
-    pos = rng.uniform(0.1 * size, 0.9 * size, (n, 2))
-    vel = rng.normal(0, size / 200, (n, 2))
-    rad = rng.uniform(size / 28, size / 14, n)
-    amp = rng.uniform(0.5, 1.0, n)
+    pos = rng.uniform(0.15 * size, 0.85 * size, (n, 2))
+    vel = rng.normal(0, size / 160, (n, 2))
+    rad = rng.uniform(size / 18, size / 10, n)
+    amp = rng.uniform(0.4, 0.8, n)
+    # granules: fixed offsets inside each cell (they travel with it)
+    n_gran = 6
+    g_off = rng.normal(0, 0.45, (n, n_gran, 2))
+    g_amp = rng.uniform(0.3, 0.7, (n, n_gran))
+    g_rad = max(0.8, size / 110)
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
     texture = ndimage.gaussian_filter(rng.random((size, size)).astype(np.float32), size / 40)
     texture = (texture - texture.min()) / (np.ptp(texture) + 1e-9)
     clean = np.empty((frames, size, size), np.float32)
     for t in range(frames):
-        p = pos + t * vel
-        f = 0.08 + 0.1 * texture
-        for (cy, cx), r, a in zip(p, rad, amp):
-            f = f + a * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)) ** 1.5)
+        f = 0.06 + 0.08 * texture
+        for i in range(n):
+            cy, cx = pos[i] + t * vel[i]
+            r = rad[i]
+            body = 1.0 / (1.0 + np.exp((np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) - r) / (0.08 * r + 0.3)))
+            f = f + amp[i] * body
+            for (oy, ox), ga in zip(g_off[i] * r, g_amp[i]):
+                f = f + ga * np.exp(-((yy - cy - oy) ** 2 + (xx - cx - ox) ** 2) / (2 * g_rad**2))
         clean[t] = f
+    clean = ndimage.gaussian_filter(clean, (0, 0.6, 0.6))
     clean = clean / clean.max()
     mask = np.zeros(clean.shape, np.uint8)
     for t in range(frames):
-        rows = rng.choice(size, size=max(1, size // 10), replace=False)
+        rows = rng.choice(size, size=max(1, size // 14), replace=False)
         mask[t, rows, :] = 1
-        if rng.random() < 0.5:  # occasionally a short burst of adjacent lines
-            r0 = int(rng.integers(0, size - 3))
-            mask[t, r0:r0 + max(2, size // 40), :] = 1
+        for _ in range(2):  # bursts of adjacent lines
+            h = int(rng.integers(max(2, size // 24), max(3, size // 10) + 1))
+            r0 = int(rng.integers(0, size - h))
+            mask[t, r0:r0 + h, :] = 1
     damaged = np.where(mask > 0, 0.0, clean).astype(np.float32)
     return {"clean": clean, "damaged": damaged, "mask": mask}
 
@@ -171,7 +186,7 @@ def zstack_sample(size: int = 128):
     d = make_zstack(size)
     scale = (0.5, 0.2, 0.2)
     return [(d["noisy"], {
-        "name": "nuclei z-stack (noisy)", "scale": scale, "axis_labels": ("z", "y", "x"),
+        "name": "nuclei (noisy)", "scale": scale, "axis_labels": ("z", "y", "x"),
         "units": "um", "colormap": "green", "blending": "additive",
         "metadata": {"description": "synthetic nuclei, Poisson + read noise, uint16 counts"},
     }, "image")]
@@ -181,7 +196,7 @@ def timelapse_sample(size: int = 128):
     """Time-lapse with dropped scan lines + the missing-line mask as a Labels layer (inpainting)."""
     d = make_timelapse(size)
     return [
-        (d["damaged"], {"name": "time-lapse (missing lines)", "axis_labels": ("t", "y", "x"),
+        (d["damaged"], {"name": "time-lapse", "axis_labels": ("t", "y", "x"),
                         "colormap": "magma",
                         "metadata": {"description": "synthetic drifting cells; dropped lines are 0"}}, "image"),
         (d["mask"], {"name": "missing lines", "axis_labels": ("t", "y", "x"), "opacity": 0.4}, "labels"),
@@ -192,7 +207,7 @@ def hyperspectral_sample(size: int = 96):
     """Small noisy hyperspectral cube (band, Y, X) as one layer (denoising across bands)."""
     d = make_hyperspectral(size)
     return [(d["noisy"], {
-        "name": "hyperspectral cube (noisy)", "axis_labels": ("band", "y", "x"), "colormap": "gray",
+        "name": "hyperspectral (noisy)", "axis_labels": ("band", "y", "x"), "colormap": "gray",
         "metadata": {"description": "synthetic 4-material cube, Gaussian noise sigma 0.08",
                      "axes": "CYX", "wavelengths_nm": d["wavelengths"].tolist()},
     }, "image")]

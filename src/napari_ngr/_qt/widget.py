@@ -1,0 +1,901 @@
+"""The "Restore (NGR)" dock widget: inpainting and denoising of napari layers.
+
+The widget is a thin shell around :func:`napari_ngr.prepare_inpaint` /
+:func:`napari_ngr.prepare_denoise`: it drives the same :class:`~napari_ngr.RestorationJob` loop
+as the library and the command line, in a :func:`napari.qt.threading.create_worker` generator
+so the viewer stays responsive.
+
+Result layers
+-------------
+A run on layer ``"name"`` adds
+
+* ``"name restored"`` (``"name restored (cancelled)"`` when cancelled: the best estimate so far),
+* one hidden gradient map per regularized axis, ``"name ∇y"``, ``"name ∇x"`` and ``"name ∇z"`` /
+  ``"∇t"`` / ``"∇c"``, with a diverging colormap dark at 0 (blue < 0 < orange, "ngr diverging")
+  and contrast limits symmetric around 0 (RGB inputs get ``(C, Y, X)`` gradient layers, not RGB ones),
+* while running, ``"name preview"``, updated every *preview* iterations and removed at the end.
+
+All of them copy the input's scale, translate, rotation/shear/affine, axis labels, units and
+metadata (plus a ``"napari_ngr"`` metadata entry recording the settings). The input layer is
+never modified. **Running again on the same input replaces** the result layers of the earlier
+run (the layers above, when they were made by this plugin): rename a result layer to keep it.
+
+Settings (task, iterations per task, strength, device, seed, preview interval, early stopping) persist between
+napari sessions in ``QSettings("napari-ngr", "napari-ngr")`` (on Linux
+``~/.config/napari-ngr/napari-ngr.conf``); the environment variable ``NAPARI_NGR_SETTINGS``
+may name another (INI) file instead, e.g. for tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtCore import QSettings, Qt
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QPushButton,
+                            QSizePolicy, QSpinBox, QVBoxLayout, QWidget)
+
+from .._layer_utils import axes_choices, error_message, guess_axes, mask_fits, output_names, symmetric_limits
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
+
+__all__ = ["RestoreWidget"]
+
+log = logging.getLogger(__name__)
+
+#: Name of the gradient layers' colormap: diverging, dark at 0 (blue < 0 < orange), so the maps
+#: read well on napari's dark canvas and in additive blending (like matplotlib's "berlin").
+GRADIENT_COLORMAP = "ngr diverging"
+_GRADIENT_COLORS = [[0.60, 0.82, 1.00, 1.0], [0.10, 0.45, 0.80, 1.0], [0.04, 0.04, 0.04, 1.0],
+                    [0.85, 0.32, 0.10, 1.0], [1.00, 0.80, 0.52, 1.0]]
+_GRADIENT_CMAP = None
+
+
+def gradient_colormap():
+    """The diverging colormap of the gradient layers (a napari ``Colormap``, made once)."""
+    global _GRADIENT_CMAP
+    if _GRADIENT_CMAP is None:
+        from napari.utils.colormaps import Colormap
+
+        _GRADIENT_CMAP = Colormap(_GRADIENT_COLORS, name=GRADIENT_COLORMAP, display_name="NGR diverging")
+    return _GRADIENT_CMAP
+_NONE = "(none)"
+_TASKS = ("inpaint", "denoise")
+
+
+def show_error(message: str) -> None:
+    """Show ``message`` as a napari error notification (a module function so tests can spy)."""
+    from napari.utils.notifications import show_error as _show_error
+
+    _show_error(message)
+
+
+def _settings() -> QSettings:
+    path = os.environ.get("NAPARI_NGR_SETTINGS")
+    if path:
+        return QSettings(path, QSettings.Format.IniFormat)
+    return QSettings("napari-ngr", "napari-ngr")
+
+
+def _setting(s: QSettings, key: str, default, kind):
+    try:
+        v = s.value(key, default)
+        return kind(v) if v is not None else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _is_output(layer) -> bool:
+    md = getattr(layer, "metadata", None) or {}
+    info = md.get("napari_ngr") if isinstance(md, dict) else None
+    return isinstance(info, dict) and "role" in info
+
+
+def _is_image(layer) -> bool:
+    """Image layers that can be restored (boolean images are masks, not images)."""
+    from napari.layers import Image
+
+    return isinstance(layer, Image) and np.dtype(layer.dtype) != bool
+
+
+def _is_mask(layer) -> bool:
+    from napari.layers import Image, Labels
+
+    if isinstance(layer, Labels):
+        return not getattr(layer, "multiscale", False)
+    return isinstance(layer, Image) and np.dtype(layer.dtype) == bool and not layer.multiscale
+
+
+# --------------------------------------------------------------------------- worker messages
+@dataclass
+class _Started:
+    device: str
+    total: int
+    axis_names: list
+
+
+@dataclass
+class _Failure:
+    message: str
+    exc: BaseException | None = None
+
+
+@dataclass
+class _Done:
+    result: Any
+    device: str
+    cancelled: bool
+
+
+class _RunState:
+    """What one run shares between the worker thread and the widget."""
+
+    def __init__(self, source_name: str, task: str, params: dict, layer_kwargs: dict, rgb: bool):
+        self.cancel = threading.Event()
+        self.job = None
+        self.source_name = source_name
+        self.task = task
+        self.params = params
+        self.layer_kwargs = layer_kwargs
+        self.rgb = rgb
+        self.device = params.get("device") or "cpu"
+        self.total = int(params.get("iterations") or 0)
+        self.finished = False
+        self.last_bar_update = 0.0
+
+
+def _fail(exc: BaseException) -> _Failure:
+    """Log ``exc`` (unless it is a plain input error), drop its traceback (its frames may hold
+    GPU tensors), release cached GPU memory and wrap a plain message for the user."""
+    if not isinstance(exc, ValueError):
+        log.error("napari-ngr: restoration failed", exc_info=exc)
+    exc.__traceback__ = None
+    _free_gpu()
+    return _Failure(error_message(exc), exc)
+
+
+def _restore_generator(task: str, image, mask, kwargs: dict, state: _RunState):
+    """Runs in the worker thread: prepare the job, yield its progress records, return the result.
+
+    Errors are caught here and returned as :class:`_Failure` (with a plain message), so the
+    widget shows one notification and returns to idle. Cancel (``state.cancel``) is checked
+    after every iteration; the best estimate so far is then returned.
+    """
+    import napari_ngr
+
+    try:
+        arr = np.asarray(image)  # dask / zarr -> numpy; the layer's data is never written
+        if task == "inpaint":
+            job = napari_ngr.prepare_inpaint(arr, mask, **kwargs)
+        else:
+            job = napari_ngr.prepare_denoise(arr, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - every failure must reach the user
+        return _fail(exc)
+    state.job = job
+    yield _Started(str(job.device), job.total, job.axis_names)
+    cancelled = state.cancel.is_set()
+    it = job.iterate()
+    try:
+        if not cancelled:
+            for rec in it:
+                yield rec
+                if state.cancel.is_set():
+                    cancelled = True
+                    break
+        it.close()  # early close = cancel: the job keeps the best estimate so far
+        res = job.result()
+    except Exception as exc:  # noqa: BLE001
+        it.close()
+        state.job = job = it = None
+        return _fail(exc)
+    return _Done(res, str(job.device), cancelled)
+
+
+def _free_gpu():
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001  pragma: no cover
+        pass
+
+
+# --------------------------------------------------------------------------- layer combo
+class _LayerCombo(QComboBox):
+    """A combo box of viewer layers passing ``accept``; keeps its choice by layer identity."""
+
+    def __init__(self, accept, allow_none=False, parent=None):
+        super().__init__(parent)
+        self._accept = accept
+        self._allow_none = allow_none
+        self._refs: list = []
+        self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.setMinimumContentsLength(12)
+
+    def value(self):
+        i = self.currentIndex()
+        if i < 0 or i >= len(self._refs):
+            return None
+        ref = self._refs[i]
+        return ref() if ref is not None else None
+
+    def set_value(self, layer) -> bool:
+        for i, ref in enumerate(self._refs):
+            if (ref() if ref is not None else None) is layer:
+                self.setCurrentIndex(i)
+                return True
+        return False
+
+    def candidates(self):
+        return [r() for r in self._refs if r is not None and r() is not None]
+
+    def refresh(self, layers) -> None:
+        current = self.value()
+        self.blockSignals(True)
+        try:
+            self.clear()
+            self._refs = []
+            for layer in reversed(list(layers)):  # topmost first, as in the layer list
+                if self._accept(layer):
+                    self._refs.append(weakref.ref(layer))
+                    self.addItem(layer.name)
+            if self._allow_none:
+                self._refs.append(None)
+                self.addItem(_NONE)
+            if current is not None and self.set_value(current):
+                pass
+            elif self.count():
+                self.setCurrentIndex(self.count() - 1 if self._allow_none else 0)
+        finally:
+            self.blockSignals(False)
+
+
+# --------------------------------------------------------------------------- the widget
+class RestoreWidget(QWidget):
+    """Dock widget: restore (inpaint or denoise) an image layer with the Neural Gradient Regularizer.
+
+    Parameters
+    ----------
+    napari_viewer : napari.Viewer
+        The viewer (napari passes it when the widget is opened from the Plugins or
+        Layers > Filter menu).
+
+    Notes
+    -----
+    Inputs are prefilled: the image is the active image layer; the mask is the topmost Labels
+    (or boolean image) layer whose shape fits the image (the image's shape, without its channel
+    axis, or (Y, X)); the axis roles come from the layer (``rgb``: colour last; axis labels
+    such as ``c``/``band``/``z``/``t``; ``metadata["axes"]`` or ``metadata["channel_axis"]``).
+
+    *Strength* multiplies the default penalty weights λ of every regularized axis
+    (``spatial_weight``, ``channel_weight`` and ``stack_weight`` of :func:`napari_ngr.inpaint`):
+    1 is the library default, larger values give smoother results.
+
+    *Early stopping* (inpainting) on is the library default (held-out pixels choose the returned
+    iterate, which may be the biharmonic start); off passes ``holdout=0``: the whole budget runs
+    and the last iterate is returned.
+
+    Running again on the same input replaces the result layers of the previous run (see the
+    module docstring); rename a result layer to keep it.
+    """
+
+    def __init__(self, napari_viewer: "napari.Viewer", parent=None):
+        super().__init__(parent)
+        import napari_ngr
+
+        self.viewer = napari_viewer
+        self.worker = None
+        self._state: _RunState | None = None
+        self._pbar = None
+        self._preview_layer = None
+        self._settings = _settings()
+        self.last_result = None  # the RestorationResult of the last run (for scripting)
+
+        # ---- widgets
+        self.image_combo = _LayerCombo(_is_image)
+        self.image_combo.setToolTip("The image layer to restore (the active image layer by default).")
+        self.mask_combo = _LayerCombo(_is_mask, allow_none=True)
+        self.mask_combo.setToolTip("Inpainting: a Labels (or boolean image) layer, nonzero = missing.\n"
+                                   "Its shape: the image's, the image's without the channel axis, or (Y, X).\n"
+                                   "Ignored when denoising.")
+        self.task_combo = QComboBox()
+        self.task_combo.addItems(list(_TASKS))
+        self.task_combo.setToolTip("inpaint: fill the masked pixels; denoise: remove Gaussian noise.")
+        self.axes_combo = QComboBox()
+        self.axes_combo.setToolTip("Role of each axis of the image, in order: C channel (colour, band),\n"
+                                   "Z depth or T time (the stack axis), Y and X. Gradients are regularized\n"
+                                   "along every axis (channels separately from Z/T).")
+        self.axes_hint = QLabel("")
+        self.axes_hint.setStyleSheet("color: gray;")
+        self.iterations_spin = QSpinBox()
+        self.iterations_spin.setRange(1, 100_000)
+        self.iterations_spin.setSingleStep(50)
+        self.iterations_spin.setToolTip("Iteration budget (inpainting may stop earlier when the held-out\n"
+                                        "pixels stop improving).")
+        self.strength_spin = QDoubleSpinBox()
+        self.strength_spin.setRange(0.01, 100.0)
+        self.strength_spin.setDecimals(2)
+        self.strength_spin.setSingleStep(0.1)
+        self.strength_spin.setSuffix(" ×")
+        self.strength_spin.setToolTip("Regularization strength: multiplies the default penalty weights λ of\n"
+                                      "all axes (Y/X, channel, Z/T). 1 = library default; larger = smoother.")
+        self.device_combo = QComboBox()
+        for dev in napari_ngr.available_devices():
+            self.device_combo.addItem(_device_label(dev), dev)
+        self.device_combo.setToolTip("Where the restoration runs. CUDA/MPS appear when present.")
+        self.seed_spin = QSpinBox()
+        self.seed_spin.setRange(0, 2**31 - 1)
+        self.seed_spin.setToolTip("Seeds the network, its input and the validation split: the same seed\n"
+                                  "gives the same result on the same device.")
+        self.preview_spin = QSpinBox()
+        self.preview_spin.setRange(0, 100_000)
+        self.preview_spin.setSpecialValueText("off")
+        self.preview_spin.setSuffix(" it.")
+        self.preview_spin.setToolTip("Update a preview layer every this many iterations (0 = off).")
+        self.early_stop_check = QCheckBox("held-out pixels")
+        self.early_stop_check.setToolTip(
+            "Inpainting only. On (library default): 3 % of the observed pixels are held out, the iterate\n"
+            "that predicts them best is returned and the run stops when they stop improving (the\n"
+            "biharmonic start is returned when no iterate beats it). Off: the whole budget runs and the\n"
+            "last iterate is returned. Isolated held-out pixels favour smooth interpolation: for lines\n"
+            "or blocks missing in a stack, Off with a few hundred iterations often restores more.")
+        self.run_button = QPushButton("Run")
+        self.run_button.setToolTip("Start the restoration; while it runs, this button cancels it\n"
+                                   "(the best result so far is kept).")
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.status_label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
+
+        form = QFormLayout()
+        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        form.addRow("Image", self.image_combo)
+        form.addRow("Mask", self.mask_combo)
+        form.addRow("Task", self.task_combo)
+        axes_row = QHBoxLayout()
+        axes_row.addWidget(self.axes_combo)
+        axes_row.addWidget(self.axes_hint, 1)
+        form.addRow("Axes", axes_row)
+        form.addRow("Iterations", self.iterations_spin)
+        form.addRow("Strength", self.strength_spin)
+        form.addRow("Device", self.device_combo)
+        form.addRow("Seed", self.seed_spin)
+        form.addRow("Preview every", self.preview_spin)
+        form.addRow("Early stopping", self.early_stop_check)
+        outer = QVBoxLayout(self)
+        outer.addLayout(form)
+        outer.addWidget(self.run_button)
+        outer.addWidget(self.status_label)
+        outer.addStretch(1)
+
+        self._load_settings()
+
+        # ---- signals
+        self.run_button.clicked.connect(self._on_run_clicked)
+        self.image_combo.currentIndexChanged.connect(self._on_image_changed)
+        self.axes_combo.currentIndexChanged.connect(self._on_axes_changed)
+        self.task_combo.currentIndexChanged.connect(self._on_task_changed)
+        self.iterations_spin.valueChanged.connect(self._save_settings)
+        self.strength_spin.valueChanged.connect(self._save_settings)
+        self.device_combo.currentIndexChanged.connect(self._on_device_changed)
+        self.seed_spin.valueChanged.connect(self._save_settings)
+        self.preview_spin.valueChanged.connect(self._save_settings)
+        self.early_stop_check.toggled.connect(self._save_settings)
+        layers = self.viewer.layers
+        for ev in ("inserted", "removed", "moved", "reordered"):
+            emitter = getattr(layers.events, ev, None)
+            if emitter is not None:
+                emitter.connect(self._on_layers_changed)
+        layers.selection.events.active.connect(self._on_active_changed)
+        for layer in layers:
+            self._watch(layer)
+
+        self._refresh_layers()
+        active = layers.selection.active
+        if active is not None and _is_image(active):
+            self.image_combo.set_value(active)
+        self._on_image_changed()
+        self._on_task_changed(save=False)
+        self._set_idle(self._idle_text())
+        try:  # the napari console gets the library, as in the README
+            self.viewer.update_console({"napari_ngr": napari_ngr})
+        except Exception:  # noqa: BLE001 - no console (e.g. headless): nothing to do
+            pass
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def is_running(self) -> bool:
+        return self._state is not None
+
+    @property
+    def task(self) -> str:
+        return self.task_combo.currentText()
+
+    @property
+    def axes(self) -> str:
+        return self.axes_combo.currentText()
+
+    @property
+    def device(self) -> str:
+        return self.device_combo.currentData() or "cpu"
+
+    # ------------------------------------------------------------------ settings
+    def _load_settings(self):
+        s = self._settings
+        task = _setting(s, "task", None, str)
+        self.task_combo.blockSignals(True)
+        if task in _TASKS:
+            self.task_combo.setCurrentText(task)
+        else:  # first use: inpaint when a mask layer is there, else denoise
+            has_mask = any(_is_mask(layer) for layer in self.viewer.layers)
+            self.task_combo.setCurrentText("inpaint" if has_mask else "denoise")
+        self.task_combo.blockSignals(False)
+        self._load_iterations()
+        self.strength_spin.setValue(_setting(s, "strength", 1.0, float))
+        dev = _setting(s, "device", None, str)
+        idx = self.device_combo.findData(dev) if dev else -1
+        self.device_combo.setCurrentIndex(max(idx, 0))
+        self.seed_spin.setValue(_setting(s, "seed", 0, int))
+        self.preview_spin.setValue(_setting(s, "preview_every", 25, int))
+        self.early_stop_check.setChecked(_setting(s, "early_stopping", "true", str).lower() in ("true", "1"))
+
+    def _load_iterations(self):
+        import napari_ngr
+
+        task = self.task
+        default = int(napari_ngr.DEFAULTS[task]["iterations"])
+        self.iterations_spin.blockSignals(True)
+        self.iterations_spin.setValue(_setting(self._settings, f"{task}/iterations", default, int))
+        self.iterations_spin.blockSignals(False)
+
+    def _save_settings(self, *_):
+        s = self._settings
+        s.setValue("task", self.task)
+        s.setValue(f"{self.task}/iterations", int(self.iterations_spin.value()))
+        s.setValue("strength", float(self.strength_spin.value()))
+        s.setValue("device", self.device)
+        s.setValue("seed", int(self.seed_spin.value()))
+        s.setValue("preview_every", int(self.preview_spin.value()))
+        s.setValue("early_stopping", "true" if self.early_stop_check.isChecked() else "false")
+        s.sync()
+
+    # ------------------------------------------------------------------ layer bookkeeping
+    def _watch(self, layer):
+        try:
+            layer.events.name.connect(self._on_layer_renamed)
+        except Exception:  # noqa: BLE001  pragma: no cover
+            pass
+
+    def _on_layers_changed(self, event=None):
+        if event is not None and getattr(event, "type", "") == "inserted":
+            self._watch(event.value)
+        self._refresh_layers()
+
+    def _on_layer_renamed(self, event=None):
+        self._refresh_layers()
+
+    def _refresh_layers(self):
+        layers = self.viewer.layers
+        before = self.image_combo.value()
+        mask_before = self.mask_combo.value()
+        self.image_combo.refresh(layers)
+        if before is None or self.image_combo.value() is not before:
+            if before is None:
+                active = layers.selection.active
+                if active is not None and _is_image(active) and not _is_output(active):
+                    self.image_combo.set_value(active)
+            self._on_image_changed()
+            return
+        self.mask_combo.refresh(layers)
+        if mask_before is None:
+            self._pick_default_mask()
+
+    def _on_active_changed(self, event=None):
+        if self.is_running:
+            return
+        layer = self.viewer.layers.selection.active
+        if layer is None or not _is_image(layer) or _is_output(layer) or layer is self.image_combo.value():
+            return
+        if self.image_combo.set_value(layer):
+            self._on_image_changed()
+
+    def _on_image_changed(self, *_):
+        layer = self.image_combo.value()
+        self.axes_combo.blockSignals(True)
+        self.axes_combo.clear()
+        if layer is not None:
+            ndim = layer.data.ndim if not layer.multiscale else len(layer.data[0].shape)
+            rgb = bool(getattr(layer, "rgb", False))
+            guess = guess_axes(_layer_shape(layer), rgb=rgb, axis_labels=tuple(layer.axis_labels),
+                               metadata=layer.metadata)
+            choices = axes_choices(ndim, rgb)
+            if guess not in choices:
+                choices = [guess] + choices
+            self.axes_combo.addItems(choices)
+            self.axes_combo.setCurrentText(guess)
+        self.axes_combo.blockSignals(False)
+        self.mask_combo.refresh(self.viewer.layers)
+        self._pick_default_mask()
+        self._on_axes_changed()
+
+    def _on_axes_changed(self, *_):
+        layer = self.image_combo.value()
+        if layer is None:
+            self.axes_hint.setText("")
+            return
+        shape = _layer_shape(layer)
+        axes = self.axes
+        if len(axes) == len(shape):
+            self.axes_hint.setText(" · ".join(f"{a}={n}" for a, n in zip(axes, shape)))
+        else:
+            self.axes_hint.setText(str(shape))
+
+    def _pick_default_mask(self):
+        """The topmost mask layer whose shape fits the image; '(none)' when there is none."""
+        image = self.image_combo.value()
+        if image is None:
+            return
+        shape, axes = _layer_shape(image), self.axes
+        for layer in self.mask_combo.candidates():
+            if mask_fits(layer.data.shape, shape, axes):
+                self.mask_combo.set_value(layer)
+                return
+        self.mask_combo.set_value(None)
+
+    def _on_task_changed(self, *_, save=True):
+        inpaint = self.task == "inpaint"
+        self.mask_combo.setEnabled(inpaint and not self.is_running)
+        self.early_stop_check.setEnabled(inpaint and not self.is_running)
+        self._load_iterations()
+        if save:
+            self._save_settings()
+        if not self.is_running:
+            self.status_label.setText(self._idle_text())
+
+    def _on_device_changed(self, *_):
+        self._save_settings()
+        if not self.is_running:
+            self.status_label.setText(self._idle_text())
+
+    def _idle_text(self) -> str:
+        return f"Ready · device: {self.device}"
+
+    # ------------------------------------------------------------------ run / cancel
+    def _on_run_clicked(self, *_):
+        if self.is_running:
+            self.cancel()
+        else:
+            self.run()
+
+    def run(self):
+        """Start a restoration with the current settings (what the Run button does).
+
+        Returns the worker, or None when the inputs are invalid (an error notification is shown).
+        """
+        import napari_ngr
+
+        if self.is_running:
+            return self.worker
+        image = self.image_combo.value()
+        if image is None or image not in self.viewer.layers:
+            show_error("Choose an image layer to restore: there is none (open an image first).")
+            return None
+        if not _is_image(image):
+            show_error(f"Layer {image.name!r} is not an image layer.")
+            return None
+        if image.multiscale:
+            show_error(f"Layer {image.name!r} is multiscale: restore one resolution level "
+                       "(e.g. viewer.add_image(layer.data[1])) instead.")
+            return None
+        task = self.task
+        mask = None
+        if task == "inpaint":
+            mask_layer = self.mask_combo.value()
+            if mask_layer is None or mask_layer not in self.viewer.layers:
+                show_error("Inpainting needs a mask: paint a Labels layer over the defects (nonzero = "
+                           "missing) and choose it as the mask, or choose the 'denoise' task.")
+                return None
+            if not _is_mask(mask_layer):
+                show_error(f"Layer {mask_layer.name!r} cannot be a mask: use a Labels or boolean image layer.")
+                return None
+            mask = np.asarray(mask_layer.data) != 0  # a copy: painting during the run does not race
+        self._save_settings()
+        d = napari_ngr.DEFAULTS[task]
+        s = float(self.strength_spin.value())
+        params = dict(axes=self.axes, iterations=int(self.iterations_spin.value()),
+                      spatial_weight=d["spatial_weight"] * s, channel_weight=d["channel_weight"] * s,
+                      stack_weight=d["stack_weight"] * s, seed=int(self.seed_spin.value()),
+                      device=self.device, preview_every=int(self.preview_spin.value()))
+        if task == "inpaint" and not self.early_stop_check.isChecked():
+            params["holdout"] = 0.0  # no validation: run the budget, return the last iterate
+        rgb = bool(image.rgb)
+        state = _RunState(image.name, task, dict(params, strength=s), _layer_kwargs(image), rgb)
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(_restore_generator, task, image.data, mask, params, state,
+                               _start_thread=False, _ignore_errors=True)
+        worker.yielded.connect(self._on_yielded)
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_errored)
+        worker.aborted.connect(self._on_aborted)
+        worker.finished.connect(self._on_finished)
+        self.worker, self._state = worker, state
+        self._set_running(f"Preparing {task} of {image.name!r} on {self.device}…")
+        from napari.utils import progress
+
+        self._pbar = progress(total=params["iterations"], desc=f"NGR {task} {image.name!r}")
+        worker.start()
+        return worker
+
+    def cancel(self):
+        """Stop the running restoration at the next iteration; the best result so far is kept
+        as ``"<name> restored (cancelled)"``."""
+        if self._state is None:
+            return
+        self._state.cancel.set()
+        self.run_button.setText("Cancelling…")
+        self.run_button.setEnabled(False)
+        self.status_label.setText("Cancelling at the next iteration…")
+
+    # ------------------------------------------------------------------ worker signals
+    def _on_yielded(self, msg):
+        # napari's progress bar calls QApplication.processEvents() when it changes, so the run
+        # may end (returned/aborted handled) inside any pbar call: the bar is updated last, and
+        # ``self._state is st`` is checked after anything that can process events.
+        st = self._state
+        if st is None:
+            return
+        if isinstance(msg, _Started):
+            st.device, st.total = msg.device, msg.total
+            if not st.cancel.is_set():
+                self.status_label.setText(f"Running on {msg.device}: iteration 0 of {msg.total}")
+            pbar = self._pbar
+            if pbar is not None:
+                pbar.total = msg.total
+                pbar.set_description(f"NGR {st.task} {st.source_name!r} on {msg.device}")
+            return
+        rec = msg
+        if not st.cancel.is_set():
+            text = f"Running on {st.device}: iteration {rec.iteration} of {rec.total}"
+            if rec.validation is not None:
+                text += f" · best so far: {rec.best_iteration}"
+            self.status_label.setText(text)
+        if rec.preview is not None:
+            self._show_preview(st, rec.preview)
+        self._update_progress(st, rec.iteration, rec.total)
+
+    def _update_progress(self, st: _RunState, iteration: int, total: int):
+        """Move the activity-dock bar (at most ~10 times a second: each move repaints)."""
+        pbar = self._pbar
+        if pbar is None or self._state is not st or iteration <= pbar.n:
+            return
+        now = time.monotonic()
+        if iteration < total and now - st.last_bar_update < 0.1:
+            return
+        st.last_bar_update = now
+        pbar.update(iteration - pbar.n)
+
+    def _on_returned(self, msg):
+        st = self._state
+        if st is None or st.finished:
+            return
+        st.finished = True
+        if isinstance(msg, _Failure):
+            self._remove_preview()
+            show_error(msg.message)
+            self._finish(f"Failed: {msg.message}")
+            return
+        self._add_results(msg.result, msg.cancelled, msg.device)
+
+    def _add_results(self, res, cancelled: bool, device: str):
+        try:
+            return self._add_result_layers(res, cancelled, device)
+        except Exception as exc:  # noqa: BLE001 - e.g. the viewer refused a layer
+            log.error("napari-ngr: could not add the result layers", exc_info=exc)
+            show_error(f"Could not add the result layers: {exc}")
+            self._finish("Failed to add the result layers")
+            return []
+
+    def _on_aborted(self):
+        """``worker.quit()`` (e.g. napari's task manager): keep the best estimate so far."""
+        st = self._state
+        if st is None or st.finished:
+            return
+        st.finished = True
+        if st.job is None:
+            self._remove_preview()
+            self._finish("Cancelled before the first iteration")
+            return
+        try:
+            res = st.job.result()
+        except Exception as exc:  # noqa: BLE001
+            show_error(error_message(exc))
+            self._finish("Failed")
+            return
+        self._add_results(res, True, st.device)
+
+    def _on_errored(self, exc):
+        st = self._state
+        if st is not None and not st.finished:
+            st.finished = True
+            self._remove_preview()
+            show_error(error_message(exc))
+            self._finish(f"Failed: {error_message(exc)}")
+
+    def _on_finished(self):
+        st = self._state
+        if st is not None and not st.finished:  # neither returned nor aborted: should not happen
+            st.finished = True
+            self._remove_preview()
+            self._finish("Stopped")
+        # else: the returned/aborted handler (possibly still adding layers) finishes the run
+
+    # ------------------------------------------------------------------ results
+    def _add_result_layers(self, res, cancelled: bool, device: str):
+        st = self._state
+        self.last_result = res
+        self._remove_preview()
+        self._remove_previous_outputs(st.source_name)
+        names = output_names(st.source_name)
+        info = dict(source=st.source_name, task=st.task, device=device, iterations_run=int(res.iteration),
+                    best_iteration=int(res.best_iteration), stop_reason=res.stop_reason,
+                    sigma=None if res.sigma is None else float(res.sigma),
+                    **{k: v for k, v in st.params.items() if k != "device"})
+        kw = st.layer_kwargs
+        added = []
+        for axis, g in res.gradients.items():
+            gkw = _gradient_kwargs(kw, st.rgb)
+            data = np.moveaxis(g, -1, 0) if st.rgb else g
+            gkw["metadata"] = dict(gkw["metadata"], napari_ngr=dict(info, role="gradient", axis=axis))
+            added.append(self.viewer.add_image(
+                data, name=names.get(f"grad_{axis}", f"{st.source_name} \u2207{axis}"),
+                colormap=gradient_colormap(), contrast_limits=symmetric_limits(data), visible=False, **gkw))
+        rkw = _image_kwargs(kw)
+        rkw["metadata"] = dict(rkw["metadata"], napari_ngr=dict(info, role="restored"))
+        name = names["cancelled" if cancelled else "restored"]
+        added.append(self.viewer.add_image(res.image, name=name, **rkw))
+        how = "cancelled" if cancelled else res.stop_reason
+        sigma = f", σ={res.sigma:.3g}" if res.sigma is not None else ""
+        self._finish(f"Done on {device}: {res.iteration} iterations, returned iteration "
+                     f"{res.best_iteration} ({how}{sigma}) → {name!r}")
+        return added
+
+    def _remove_previous_outputs(self, source: str):
+        names = set(output_names(source).values())
+        for layer in list(self.viewer.layers):
+            if layer.name in names and _is_output(layer) and layer.metadata["napari_ngr"].get("source") == source:
+                self.viewer.layers.remove(layer)
+
+    def _show_preview(self, st: _RunState, data):
+        if self._state is not st:  # the run ended meanwhile
+            return
+        layer = self._preview_layer
+        if layer is not None and layer in self.viewer.layers and layer.data.shape == data.shape:
+            layer.data = data
+            return
+        kw = _image_kwargs(st.layer_kwargs)
+        kw["metadata"] = dict(kw["metadata"], napari_ngr=dict(source=st.source_name, role="preview"))
+        name = output_names(st.source_name)["preview"]
+        for old in [lay for lay in self.viewer.layers if lay.name == name and _is_output(lay)]:
+            self.viewer.layers.remove(old)
+        self._preview_layer = self.viewer.add_image(data, name=name, **kw)
+
+    def _remove_preview(self):
+        layer = self._preview_layer
+        self._preview_layer = None
+        if layer is not None and layer in self.viewer.layers:
+            self.viewer.layers.remove(layer)
+
+    # ------------------------------------------------------------------ state
+    def _set_running(self, text):
+        for w in (self.image_combo, self.mask_combo, self.task_combo, self.axes_combo, self.iterations_spin,
+                  self.strength_spin, self.device_combo, self.seed_spin, self.preview_spin, self.early_stop_check):
+            w.setEnabled(False)
+        self.run_button.setText("Cancel")
+        self.run_button.setEnabled(True)
+        self.status_label.setText(text)
+
+    def _set_idle(self, text=None):
+        for w in (self.image_combo, self.task_combo, self.axes_combo, self.iterations_spin,
+                  self.strength_spin, self.device_combo, self.seed_spin, self.preview_spin):
+            w.setEnabled(True)
+        self.mask_combo.setEnabled(self.task == "inpaint")
+        self.early_stop_check.setEnabled(self.task == "inpaint")
+        self.run_button.setText("Run")
+        self.run_button.setEnabled(True)
+        if text is not None:
+            self.status_label.setText(text)
+
+    def _finish(self, text):
+        pbar, self._pbar = self._pbar, None
+        st, self._state = self._state, None
+        self.worker = None
+        if st is not None and st.job is not None:
+            st.job = None
+            _free_gpu()
+        self._set_idle(text)
+        if pbar is not None:
+            pbar.close()  # last: it may process events
+
+    def closeEvent(self, event):  # noqa: N802 - Qt API
+        if self._state is not None:
+            self._state.cancel.set()
+        super().closeEvent(event)
+
+
+# --------------------------------------------------------------------------- layer kwargs
+def _layer_shape(layer) -> tuple:
+    data = layer.data[0] if layer.multiscale else layer.data
+    return tuple(int(s) for s in data.shape)
+
+
+def _device_label(dev: str) -> str:
+    if dev.startswith("cuda"):
+        try:
+            import torch
+
+            idx = int(dev.split(":")[1]) if ":" in dev else 0
+            return f"{dev} ({torch.cuda.get_device_name(idx)})"
+        except Exception:  # noqa: BLE001
+            return dev
+    if dev == "cpu":
+        try:
+            import torch
+
+            n = torch.get_num_threads()
+            return f"cpu ({n} thread{'s' if n != 1 else ''})"
+        except Exception:  # noqa: BLE001  pragma: no cover
+            return dev
+    return dev
+
+
+def _copy_metadata(md) -> dict:
+    try:
+        return copy.deepcopy(dict(md or {}))
+    except Exception:  # noqa: BLE001 - unpicklable entries: a shallow copy then
+        return dict(md or {})
+
+
+def _layer_kwargs(layer) -> dict:
+    """What the result layers copy from the input (captured when the run starts)."""
+    kw = dict(
+        scale=tuple(float(v) for v in layer.scale), translate=tuple(float(v) for v in layer.translate),
+        rotate=np.array(layer.rotate), shear=np.array(layer.shear), affine=np.array(layer.affine.affine_matrix),
+        axis_labels=tuple(layer.axis_labels), units=tuple(layer.units), metadata=_copy_metadata(layer.metadata),
+        rgb=bool(layer.rgb), contrast_limits=tuple(float(v) for v in layer.contrast_limits),
+        gamma=float(layer.gamma), blending=layer.blending, colormap=layer.colormap,
+        interpolation2d=getattr(layer, "interpolation2d", None),
+    )
+    return kw
+
+
+def _image_kwargs(kw: dict) -> dict:
+    out = {k: kw[k] for k in ("scale", "translate", "rotate", "shear", "affine", "axis_labels", "units",
+                              "rgb", "contrast_limits", "gamma", "blending")}
+    out["metadata"] = copy.copy(kw["metadata"])
+    if not kw["rgb"]:
+        out["colormap"] = kw["colormap"]
+    if kw.get("interpolation2d"):
+        out["interpolation2d"] = kw["interpolation2d"]
+    return out
+
+
+def _gradient_kwargs(kw: dict, rgb: bool) -> dict:
+    """Gradient layers: the input's geometry; for RGB inputs a leading channel axis is added
+    (and only scale and translate are kept)."""
+    if not rgb:
+        out = {k: kw[k] for k in ("scale", "translate", "rotate", "shear", "affine", "axis_labels", "units")}
+    else:
+        out = dict(scale=(1.0,) + tuple(kw["scale"]), translate=(0.0,) + tuple(kw["translate"]),
+                   axis_labels=("c",) + tuple(kw["axis_labels"]), units=("pixel",) + tuple(kw["units"]))
+    out["metadata"] = copy.copy(kw["metadata"])
+    return out
