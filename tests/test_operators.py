@@ -68,3 +68,25 @@ def test_divergence_term_is_weighted_adjoint():
     f = {d: torch.randn(shape, dtype=torch.float64) for d in (1, 2, 3)}
     expected = sum(w * forward_difference_adjoint(f[d], d) for d, w in {1: 0.5, 2: 1.0, 3: 2.0}.items())
     assert torch.allclose(solver.divergence_term(f), expected)
+
+
+def test_holdout_copies_the_mask_pattern():
+    """Dead rows in the mask give held-out row segments (as hard as the real gaps); scattered
+    missing pixels at high rates give scattered whole pixels. Held-out entries are observed."""
+    from napari_ngr.operators import Inpainting
+
+    gen = torch.Generator().manual_seed(0)
+    obs = torch.ones((4, 1, 48, 48), dtype=torch.bool)
+    obs[:, :, [5, 17, 30], :] = False
+    y = torch.rand(obs.shape)
+    train, held = Inpainting(y * obs, obs).holdout(0.03, gen)
+    assert held.any() and not (held & ~obs).any()
+    assert torch.equal(train.observed, obs & ~held)
+    rows = held.sum(-1)[held.any(-1)]
+    assert int(rows.min()) >= 8  # whole segments of rows, not isolated pixels
+    assert 0.01 < held.sum() / obs.sum() < 0.25
+
+    sparse = torch.rand((1, 3, 48, 48), generator=gen)[:, :1].expand(1, 3, 48, 48) < 0.2  # 80 % missing
+    _, held2 = Inpainting(torch.rand(sparse.shape) * sparse, sparse).holdout(0.05, gen)
+    assert held2.any() and not (held2 & ~sparse).any()
+    assert torch.equal(held2[:, 0], held2[:, 1]) and torch.equal(held2[:, 0], held2[:, 2])  # whole pixels

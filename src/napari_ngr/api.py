@@ -297,7 +297,8 @@ def inpaint(image, mask, *, channel_axis=None, axes=None, iterations=None, spati
 
     Notes
     -----
-    Stopping without ground truth: 3 % of the observed entries are held back from the data term;
+    Stopping without ground truth: about 3 % of the observed entries, in the mask's own pattern
+    (see :meth:`napari_ngr.operators.Inpainting.holdout`), are held back from the data term;
     every 10 iterations their reconstruction error is measured, the iterate with the lowest error
     is returned (all observed entries re-inserted), and after ``min_iterations`` (250) the loop
     stops once 15 checks in a row bring no improvement. If no iterate beats the start

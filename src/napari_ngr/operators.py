@@ -132,15 +132,40 @@ class Inpainting(Operator):
         return torch.from_numpy(out.astype(np.float32)).to(self.y.device)
 
     def holdout(self, fraction: float, generator: torch.Generator) -> tuple["Inpainting", torch.Tensor]:
-        """Split off a random ``fraction`` of the observed entries as a validation set.
+        """Split off about ``fraction`` of the observed entries as a validation set.
 
         Returns the operator that sees only the remaining entries and the boolean mask of the
         held-out entries. Used to stop and to choose the returned iterate without ground truth.
+
+        The held-out entries should be as hard to predict as the truly missing ones, so they copy
+        the mask's own pattern: the missing mask is shifted (rolled in Y and X) onto observed
+        areas, and kept inside random tiles until the fraction is reached. Dead lines give
+        held-out line segments, painted blobs give blobs, scattered pixels give scattered
+        pixels. When most entries are missing (over half), the shifted pattern would empty whole
+        regions, so whole pixels (every plane at one Y, X position) are drawn at random instead.
         """
         obs = self.observed
-        # Hold out whole pixels (all planes at one Y, X position): a held-out entry whose other
-        # channels stay observed would be predicted far better than a truly missing one.
         S, C, H, W = obs.shape
+        n_obs = int(obs.sum())
+        miss = ~obs
+        if float(miss.float().mean()) <= 0.5 and min(H, W) >= 16:
+            dy = int(torch.randint(H // 4, max(H // 4 + 1, 3 * H // 4), (1,), generator=generator))
+            dx = int(torch.randint(W // 4, max(W // 4 + 1, 3 * W // 4), (1,), generator=generator))
+            cand = obs & torch.roll(miss, (dy, dx), dims=(2, 3))
+            tile = max(8, min(H, W) // 4)
+            ty, tx = -(-H // tile), -(-W // tile)
+            yy = torch.arange(H, device=obs.device) // tile
+            xx = torch.arange(W, device=obs.device) // tile
+            tid = (yy[:, None] * tx + xx[None, :]).reshape(-1)
+            counts = torch.bincount(tid, weights=cand.sum(dim=(0, 1)).reshape(-1).double(), minlength=ty * tx)
+            order = torch.randperm(ty * tx, generator=generator).to(obs.device)
+            cum = torch.cumsum(counts[order], 0)
+            k = int(torch.searchsorted(cum, torch.tensor(fraction * n_obs, dtype=cum.dtype, device=cum.device))) + 1
+            chosen = torch.zeros(ty * tx, dtype=torch.bool, device=obs.device)
+            chosen[order[:k]] = True
+            held = cand & chosen[tid].reshape(1, 1, H, W)
+            if int(held.sum()) >= 16 and int(held.sum()) <= 0.25 * n_obs:
+                return Inpainting(self.y, obs & ~held), held
         draw = torch.rand((1, 1, H, W), generator=generator, device="cpu").to(obs.device)
         held = obs & (draw < fraction)
         return Inpainting(self.y, obs & ~held), held

@@ -18,7 +18,8 @@ Each iteration:
 
 No ground truth is used anywhere. Which iterate is returned (see :class:`Restoration`):
 
-* inpainting: a random ``holdout`` fraction of the observed entries is hidden from the data term
+* inpainting: a ``holdout`` fraction of the observed entries (shaped like the mask, see
+  :meth:`~napari_ngr.operators.Inpainting.holdout`) is hidden from the data term
   and used as a validation set. Every ``check_every`` iterations the validation error of ``x`` is
   measured; the iterate with the lowest error is kept, and the loop stops early after
   ``patience`` checks without improvement. The returned image re-inserts *all* observed entries.

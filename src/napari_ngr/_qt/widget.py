@@ -343,11 +343,11 @@ class RestoreWidget(QWidget):
         self.preview_spin.setToolTip("Update a preview layer every this many iterations (0 = off).")
         self.early_stop_check = QCheckBox("held-out pixels")
         self.early_stop_check.setToolTip(
-            "Inpainting only. On (library default): 3 % of the observed pixels are held out, the iterate\n"
+            "Inpainting only. On (library default): about 3 % of the observed pixels, in the mask's own\n"
+            "pattern (line segments for dead lines, blobs for painted defects), are held out; the iterate\n"
             "that predicts them best is returned and the run stops when they stop improving (the\n"
             "biharmonic start is returned when no iterate beats it). Off: the whole budget runs and the\n"
-            "last iterate is returned. Isolated held-out pixels favour smooth interpolation: for lines\n"
-            "or blocks missing in a stack, Off with a few hundred iterations often restores more.")
+            "last iterate is returned.")
         self.run_button = QPushButton("Run")
         self.run_button.setToolTip("Start the restoration; while it runs, this button cancels it\n"
                                    "(the best result so far is kept).")
