@@ -255,3 +255,20 @@ def test_nan_allowed_only_where_missing(gray48):
     img[40, 40] = np.nan  # an observed NaN
     with pytest.raises(ValueError, match="does not mark missing"):
         napari_ngr.inpaint(img, missing, iterations=5)
+
+
+def test_mixed_noise_recovers_impulse_pixels(rgb48):
+    """Gaussian + 10 % salt-and-pepper: the impulse pixels are restored (not kept), and the
+    mixed model beats the Gaussian one."""
+    rng = np.random.default_rng(0)
+    noisy = rgb48 + rng.normal(0, 0.05, rgb48.shape)
+    imp = rng.random(rgb48.shape[:2]) < 0.1
+    noisy[imp] = rng.integers(0, 2, (imp.sum(), 1)) * np.ones((1, 3))
+    out = napari_ngr.denoise(noisy, channel_axis=-1, noise="mixed", iterations=60)
+    gauss = napari_ngr.denoise(noisy, channel_axis=-1, iterations=60)
+    impm = np.broadcast_to(imp[..., None], rgb48.shape)
+    assert psnr(rgb48, out, impm) > psnr(rgb48, noisy, impm) + 10  # impulses replaced
+    assert psnr(rgb48, out) > psnr(rgb48, gauss) + 3
+    assert psnr(rgb48, out) > psnr(rgb48, noisy) + 8
+    with pytest.raises(ValueError, match="noise must be"):
+        napari_ngr.denoise(noisy, noise="poisson")

@@ -400,3 +400,15 @@ def test_restored_output_beats_the_input(tmp_path, camera):
     assert out.dtype == np.uint8 and out.shape == camera.shape
     gain = psnr(camera, out) - psnr(camera, noisy)
     assert gain > 2, f"only {gain:.2f} dB"
+
+
+def test_mixed_noise_option(tmp_path):
+    clean = data.camera()[100:148, 200:248].astype(np.float32) / 255
+    rng = np.random.default_rng(0)
+    noisy = clean + rng.normal(0, 0.05, clean.shape).astype(np.float32)
+    imp = rng.random(clean.shape) < 0.1
+    noisy[imp] = rng.integers(0, 2, imp.sum())
+    np.save(tmp_path / "sp.npy", noisy.astype(np.float32))
+    assert main(["denoise", str(tmp_path / "sp.npy"), "--noise", "mixed", "--iterations", "40", "-q"]) == 0
+    out = np.load(tmp_path / "sp_ngr.npy")
+    assert psnr(clean, out) > psnr(clean, noisy) + 8

@@ -11,7 +11,7 @@ import torch
 
 from ._device import resolve_device
 from ._layout import Layout, resolve_layout
-from .operators import Denoising, Inpainting, Operator
+from .operators import Denoising, Inpainting, MixedNoise, Operator
 from .solver import Progress, Restoration, SolverOptions
 
 __all__ = ["inpaint", "denoise", "prepare_inpaint", "prepare_denoise", "RestorationJob",
@@ -321,9 +321,20 @@ def _estimate_sigma_normalized(y: np.ndarray) -> float:
     return float(np.median([estimate_sigma(planes[i].astype(np.float64)) for i in idx]))
 
 
-def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, iterations=None, spatial_weight=None,
-                    channel_weight=None, stack_weight=None, seed=0, device=None, preview_every=0,
-                    data_weight=None, **options) -> RestorationJob:
+def _despeckle(y: np.ndarray) -> np.ndarray:
+    """Replace outliers (beyond 4 robust deviations from the 3 x 3 median) by the median, so that
+    impulse noise does not inflate the Gaussian sigma estimate."""
+    from scipy import ndimage
+
+    med = ndimage.median_filter(y, size=(1, 1, 3, 3), mode="reflect")
+    r = y - med
+    mad = 1.4826 * np.median(np.abs(r)) + 1e-12
+    return np.where(np.abs(r) > 4 * mad, med, y)
+
+
+def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="gaussian", iterations=None,
+                    spatial_weight=None, channel_weight=None, stack_weight=None, seed=0, device=None,
+                    preview_every=0, data_weight=None, **options) -> RestorationJob:
     """Prepare :func:`denoise` without running it; see :func:`denoise` for the parameters."""
     a = _check_image(image)
     layout = resolve_layout(a.shape, channel_axis, axes)
@@ -337,8 +348,10 @@ def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, iteratio
     scaler = _Scaler(smooth, None)
     scaler.dtype = a.dtype
     y = scaler.forward(internal)
+    if noise not in ("gaussian", "mixed"):
+        raise ValueError(f"noise must be 'gaussian' or 'mixed', got {noise!r}")
     if sigma is None:
-        s = _estimate_sigma_normalized(y)
+        s = _estimate_sigma_normalized(_despeckle(y) if noise == "mixed" else y)
     else:
         if not np.isfinite(sigma) or sigma <= 0:
             raise ValueError(f"sigma must be a positive number (input units) or None, got {sigma!r}")
@@ -347,13 +360,14 @@ def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, iteratio
     opt = _options("denoise", iterations, seed, options)
     weights = _axes_weights(layout, *_weights_or_default("denoise", spatial_weight, channel_weight, stack_weight))
     dw = DEFAULTS["denoise"]["options"]["data_weight"] if data_weight is None else float(data_weight)
-    op = Denoising(torch.from_numpy(y).to(dev), s, weight=dw)
+    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)).to(dev)
+    op = Denoising(yt, s, weight=dw) if noise == "gaussian" else MixedNoise(yt, s, weight=dw)
     r = Restoration(op, weights, opt, device=dev, preview_every=preview_every)
     return RestorationJob(r, layout, scaler, sigma=s * scaler.scale)
 
 
-def denoise(image, *, channel_axis=None, axes=None, sigma=None, iterations=None, spatial_weight=None,
-            channel_weight=None, stack_weight=None, seed=0, device=None, callback=None,
+def denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="gaussian", iterations=None,
+            spatial_weight=None, channel_weight=None, stack_weight=None, seed=0, device=None, callback=None,
             return_gradients=False, **options):
     """Remove additive Gaussian noise with the Neural Gradient Regularizer.
 
@@ -364,6 +378,11 @@ def denoise(image, *, channel_axis=None, axes=None, sigma=None, iterations=None,
     sigma : float, optional
         Noise standard deviation in the image's units. ``None`` estimates it: the median over
         (up to 16) planes of :func:`skimage.restoration.estimate_sigma` (wavelet-domain MAD).
+    noise : {"gaussian", "mixed"}
+        ``"gaussian"``: additive white Gaussian noise. ``"mixed"``: Gaussian plus sparse noise
+        (impulse / salt-and-pepper, outliers): a sparse term, soft-thresholded at 3 sigma, absorbs
+        what the Gaussian model cannot (:class:`~napari_ngr.operators.MixedNoise`); the start is a
+        3 x 3 median filter and the sigma estimate ignores outliers.
     channel_axis, axes, iterations, spatial_weight, channel_weight, stack_weight, seed, device, callback, return_gradients, **options
         As in :func:`inpaint`.
 
@@ -379,7 +398,7 @@ def denoise(image, *, channel_axis=None, axes=None, sigma=None, iterations=None,
     The returned image is an exponential moving average of the iterates over a fixed budget
     (no ground truth involved).
     """
-    job = prepare_denoise(image, channel_axis=channel_axis, axes=axes, sigma=sigma, iterations=iterations,
+    job = prepare_denoise(image, channel_axis=channel_axis, axes=axes, sigma=sigma, noise=noise, iterations=iterations,
                           spatial_weight=spatial_weight, channel_weight=channel_weight, stack_weight=stack_weight,
                           seed=seed, device=device, **options)
     res = job.run(callback)

@@ -241,9 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="remove additive Gaussian noise",
                           description="Remove additive Gaussian noise from images or stacks.")
     common(p_dn, "denoise")
-    p_dn.add_argument_group("noise").add_argument(
+    g_noise = p_dn.add_argument_group("noise")
+    g_noise.add_argument(
         "--sigma", type=_float_gt0, metavar="S",
         help="noise standard deviation in the input's units (default: estimated per file)")
+    g_noise.add_argument(
+        "--noise", choices=("gaussian", "mixed"), default="gaussian",
+        help="gaussian (default), or mixed: Gaussian plus impulse (salt-and-pepper) noise")
     return parser
 
 
@@ -760,7 +764,7 @@ def _run_one(item: _Item, args, task, device, rep: _Reporter, prefix: str):
             raise ValueError(f"{exc} (mask {item.mask.name})") from None
         del mask
     else:
-        job = prepare_denoise(image, sigma=args.sigma, **common)
+        job = prepare_denoise(image, sigma=args.sigma, noise=args.noise, **common)
     t0 = time.perf_counter()
     bar = None
     if rep.bars:
