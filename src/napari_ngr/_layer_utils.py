@@ -94,17 +94,14 @@ def guess_axes(shape, *, rgb: bool = False, axis_labels=None, metadata=None) -> 
 def mask_fits(mask_shape, image_shape, axes: str) -> bool:
     """Whether a mask of ``mask_shape`` broadcasts to the image the way the library accepts:
     the image's shape, the image's shape without the channel axis, or (Y, X)."""
-    mask_shape, image_shape = tuple(mask_shape), tuple(image_shape)
-    if mask_shape == image_shape:
+    from ._layout import Layout
+
+    image_shape = tuple(image_shape)
+    if tuple(mask_shape) == image_shape:
         return True
-    if len(axes) == len(image_shape):
-        if "C" in axes:
-            ci = axes.index("C")
-            if mask_shape == image_shape[:ci] + image_shape[ci + 1:]:
-                return True
-        if "Y" in axes and "X" in axes:
-            return mask_shape == (image_shape[axes.index("Y")], image_shape[axes.index("X")])
-    return False
+    if len(axes) != len(image_shape) or "Y" not in axes or "X" not in axes:
+        return False
+    return Layout(axes, image_shape).mask_layout(mask_shape) is not None
 
 
 def output_names(source: str, axes=("y", "x", "z", "t", "c")) -> dict:

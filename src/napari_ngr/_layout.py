@@ -63,24 +63,32 @@ class Layout:
         inv = np.argsort(present)
         return np.transpose(squeezed, inv)
 
-    def mask_to_internal(self, mask: np.ndarray, name: str = "mask") -> np.ndarray:
-        """Broadcast a mask given in the image's shape, without its channel axis, or as (Y, X)."""
-        shape = tuple(mask.shape)
+    def mask_layout(self, shape) -> "Layout | None":
+        """The layout of a mask of ``shape`` given in the image's shape, without its channel
+        axis, or as (Y, X); None if the mask does not fit this image."""
+        shape = tuple(shape)
         if shape == self.shape:
-            return self.to_internal(mask)
+            return self
         if "C" in self.axes:
             ci = self.axes.index("C")
             no_c = self.shape[:ci] + self.shape[ci + 1:]
             if shape == no_c:
-                sub = Layout(self.axes.replace("C", ""), no_c)
-                return sub.to_internal(mask)
+                return Layout(self.axes.replace("C", ""), no_c)
         yx = (self.shape[self.axes.index("Y")], self.shape[self.axes.index("X")])
         if shape == yx:
-            return Layout("YX", yx).to_internal(mask)
-        raise ValueError(
-            f"{name} of shape {shape} does not match the image of shape {self.shape} (axes {self.axes}): "
-            f"give the image's shape, the image's shape without the channel axis, or (Y, X) = {yx}"
-        )
+            return Layout("YX", yx)
+        return None
+
+    def mask_to_internal(self, mask: np.ndarray, name: str = "mask") -> np.ndarray:
+        """Broadcast a mask given in the image's shape, without its channel axis, or as (Y, X)."""
+        sub = self.mask_layout(mask.shape)
+        if sub is None:
+            yx = (self.shape[self.axes.index("Y")], self.shape[self.axes.index("X")])
+            raise ValueError(
+                f"{name} of shape {tuple(mask.shape)} does not match the image of shape {self.shape} (axes "
+                f"{self.axes}): give the image's shape, the image's shape without the channel axis, or (Y, X) = {yx}"
+            )
+        return sub.to_internal(mask)
 
 
 def resolve_layout(shape, channel_axis=None, axes=None) -> Layout:

@@ -11,7 +11,7 @@ import torch
 
 from ._device import resolve_device
 from ._layout import Layout, resolve_layout
-from .operators import Denoising, Inpainting, MixedNoise, Operator
+from .operators import Denoising, Inpainting, MixedNoise, Operator, median3
 from .solver import Progress, Restoration, SolverOptions
 
 __all__ = ["inpaint", "denoise", "prepare_inpaint", "prepare_denoise", "RestorationJob",
@@ -321,12 +321,9 @@ def _estimate_sigma_normalized(y: np.ndarray) -> float:
     return float(np.median([estimate_sigma(planes[i].astype(np.float64)) for i in idx]))
 
 
-def _despeckle(y: np.ndarray) -> np.ndarray:
-    """Replace outliers (beyond 4 robust deviations from the 3 x 3 median) by the median, so that
-    impulse noise does not inflate the Gaussian sigma estimate."""
-    from scipy import ndimage
-
-    med = ndimage.median_filter(y, size=(1, 1, 3, 3), mode="reflect")
+def _despeckle(y: np.ndarray, med: np.ndarray) -> np.ndarray:
+    """Replace outliers (beyond 4 robust deviations from the 3 x 3 median ``med``) by the median,
+    so that impulse noise does not inflate the Gaussian sigma estimate."""
     r = y - med
     mad = 1.4826 * np.median(np.abs(r)) + 1e-12
     return np.where(np.abs(r) > 4 * mad, med, y)
@@ -336,6 +333,8 @@ def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="g
                     spatial_weight=None, channel_weight=None, stack_weight=None, seed=0, device=None,
                     preview_every=0, data_weight=None, **options) -> RestorationJob:
     """Prepare :func:`denoise` without running it; see :func:`denoise` for the parameters."""
+    if noise not in ("gaussian", "mixed"):
+        raise ValueError(f"noise must be 'gaussian' or 'mixed', got {noise!r}")
     a = _check_image(image)
     layout = resolve_layout(a.shape, channel_axis, axes)
     dev = resolve_device(device)
@@ -347,11 +346,10 @@ def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="g
     smooth = ndimage.gaussian_filter(internal.astype(np.float32), (0, 0, 1.5, 1.5), mode="reflect")
     scaler = _Scaler(smooth, None)
     scaler.dtype = a.dtype
-    y = scaler.forward(internal)
-    if noise not in ("gaussian", "mixed"):
-        raise ValueError(f"noise must be 'gaussian' or 'mixed', got {noise!r}")
+    y = np.ascontiguousarray(scaler.forward(internal), dtype=np.float32)
+    med = median3(y) if noise == "mixed" else None
     if sigma is None:
-        s = _estimate_sigma_normalized(_despeckle(y) if noise == "mixed" else y)
+        s = _estimate_sigma_normalized(_despeckle(y, med) if noise == "mixed" else y)
     else:
         if not np.isfinite(sigma) or sigma <= 0:
             raise ValueError(f"sigma must be a positive number (input units) or None, got {sigma!r}")
@@ -360,8 +358,8 @@ def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="g
     opt = _options("denoise", iterations, seed, options)
     weights = _axes_weights(layout, *_weights_or_default("denoise", spatial_weight, channel_weight, stack_weight))
     dw = DEFAULTS["denoise"]["options"]["data_weight"] if data_weight is None else float(data_weight)
-    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)).to(dev)
-    op = Denoising(yt, s, weight=dw) if noise == "gaussian" else MixedNoise(yt, s, weight=dw)
+    yt = torch.from_numpy(y).to(dev)
+    op = Denoising(yt, s, weight=dw) if noise == "gaussian" else MixedNoise(yt, s, weight=dw, median=med)
     r = Restoration(op, weights, opt, device=dev, preview_every=preview_every)
     return RestorationJob(r, layout, scaler, sigma=s * scaler.scale)
 

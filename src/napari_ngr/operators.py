@@ -188,6 +188,13 @@ class Denoising(Operator):
         return (w * self.y + mu * v) / (w + mu)
 
 
+def median3(y: np.ndarray) -> np.ndarray:
+    """3 x 3 median filter of every plane of an ``(S, C, H, W)`` array (reflecting borders)."""
+    from scipy import ndimage
+
+    return ndimage.median_filter(y, size=(1, 1, 3, 3), mode="reflect")
+
+
 class MixedNoise(Operator):
     """Gaussian plus sparse impulse noise: ``y = x + s + n``, ``n ~ N(0, sigma^2)``, ``s`` sparse
     (salt-and-pepper, outliers, hot pixels).
@@ -201,14 +208,13 @@ class MixedNoise(Operator):
     ``w/2 ||M (y - x)||^2``, ``w = weight / sigma^2``, whose proximal operator is elementwise.
     """
 
-    def __init__(self, y: torch.Tensor, sigma: float, weight: float = 1.0, threshold: float = 3.0):
+    def __init__(self, y: torch.Tensor, sigma: float, weight: float = 1.0, threshold: float = 3.0,
+                 median: np.ndarray | None = None):
         super().__init__(y)
-        from scipy import ndimage
-
         self.sigma = float(sigma)
         self.w = weight / max(self.sigma, 1e-4) ** 2
         yn = y.detach().cpu().numpy()
-        self._median = ndimage.median_filter(yn, size=(1, 1, 3, 3), mode="reflect")
+        self._median = median3(yn) if median is None else median
         out = np.abs(yn - self._median) > float(threshold) * max(self.sigma, 1e-4)
         self.outliers = torch.from_numpy(out).to(y.device)
 

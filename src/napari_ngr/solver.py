@@ -147,7 +147,7 @@ class Restoration:
         levels = max(0, min(options.levels, int(math.log2(min(H, W))) - 2))  # coarsest map >= 2 px
         net_cls = GradientNet if options.shared_trunk else SeparateGradientNets
         self.net = net_cls(n_in, planes, len(self.axes), channels=options.channels,
-                               levels=levels, skip_channels=options.skip_channels).to(self.device)
+                           levels=levels, skip_channels=options.skip_channels).to(self.device)
         self.z = (0.1 * torch.rand((1, options.input_channels, H, W), generator=self._gen)).to(self.device)
         self.z_code = self.z
         if options.guide > 0:
