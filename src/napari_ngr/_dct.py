@@ -57,8 +57,27 @@ def idct(y: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return x.movedim(-1, dim)
 
 
+def _use_scipy(x: torch.Tensor) -> bool:
+    # On the CPU, scipy's pocketfft DCT is 10-100x faster than the FFT construction below
+    # (measured: 0.2 s vs 2.5 s for a DCT pair of 200 x 256 x 256); tensors that need autograd
+    # and other devices take the torch path.
+    return x.device.type == "cpu" and not x.requires_grad and x.dtype in (torch.float32, torch.float64)
+
+
+def _scipy_dctn(x: torch.Tensor, dims, inverse: bool) -> torch.Tensor:
+    import scipy.fft
+
+    fn = scipy.fft.idctn if inverse else scipy.fft.dctn
+    dims = [d % x.ndim for d in dims]
+    out = fn(x.numpy(), type=2, axes=dims, norm="ortho", workers=max(1, torch.get_num_threads()))
+    return torch.from_numpy(out)
+
+
 def dctn(x: torch.Tensor, dims) -> torch.Tensor:
     """Orthonormal DCT-II over several axes."""
+    dims = list(dims)
+    if dims and _use_scipy(x):
+        return _scipy_dctn(x, dims, inverse=False)
     for d in dims:
         x = dct(x, d)
     return x
@@ -66,6 +85,9 @@ def dctn(x: torch.Tensor, dims) -> torch.Tensor:
 
 def idctn(y: torch.Tensor, dims) -> torch.Tensor:
     """Inverse of :func:`dctn`."""
+    dims = list(dims)
+    if dims and _use_scipy(y):
+        return _scipy_dctn(y, dims, inverse=True)
     for d in dims:
         y = idct(y, d)
     return y

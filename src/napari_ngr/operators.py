@@ -49,11 +49,19 @@ class Inpainting(Operator):
         Observation (values at missing entries are ignored).
     observed : bool tensor
         True where ``y`` was observed; broadcastable to ``y``.
+    start : {"biharmonic", "temporal"}
+        The initial fill (:meth:`initial_estimate`): ``"biharmonic"`` interpolates every plane
+        on its own; ``"temporal"`` (multi-temporal stacks, time = internal dim 0) copies each
+        missing entry from the nearest clear date after a per-band gain/offset fit
+        (:meth:`temporal_fill`).
     """
 
-    def __init__(self, y: torch.Tensor, observed: torch.Tensor):
+    def __init__(self, y: torch.Tensor, observed: torch.Tensor, start: str = "biharmonic"):
         super().__init__(y)
+        if start not in ("biharmonic", "temporal"):
+            raise ValueError(f"start must be 'biharmonic' or 'temporal', got {start!r}")
         self.observed = observed.expand_as(y)
+        self.start = start
 
     def prox(self, v, mu):
         return torch.where(self.observed, self.y, v)
@@ -66,8 +74,10 @@ class Inpainting(Operator):
     biharmonic_limit = 2_000_000
 
     def initial_estimate(self) -> torch.Tensor:
-        """Initial fill: biharmonic per plane (smooth, accurate), or normalized convolution for
-        very large problems."""
+        """Initial fill: :meth:`temporal_fill` if ``start="temporal"``, else biharmonic per plane
+        (smooth, accurate), or normalized convolution for very large problems."""
+        if self.start == "temporal":
+            return self.temporal_fill()
         n_missing = int((~self.observed).sum())
         if n_missing <= self.biharmonic_limit:
             return self.biharmonic_fill()
@@ -131,6 +141,68 @@ class Inpainting(Operator):
             out[rest] = (y * m).sum() / max(m.sum(), 1.0)
         return torch.from_numpy(out.astype(np.float32)).to(self.y.device)
 
+    #: Fewest pixels observed at both dates for the gain/offset fit of :meth:`temporal_fill`;
+    #: with fewer, the means and standard deviations of the two dates are matched instead.
+    min_fit_pixels = 16
+
+    def temporal_fill(self) -> torch.Tensor:
+        """Fill from the nearest clear date: the multi-temporal start (time = internal dim 0).
+
+        Each missing entry of date ``t`` takes the value of the same pixel and band at the
+        nearest date ``u`` (in time) where it is observed, corrected by a per-band linear fit
+        ``y_t ~ a * y_u + b`` (least squares on the pixels observed at both dates). When the
+        previous and the next clear dates are equally near, their two corrected values are
+        averaged. Entries observed at no date (a pixel clouded on every date) have nothing to
+        learn from along time: they are filled spatially afterwards, from the temporally
+        filled plane (biharmonic, or normalized convolution for very large problems).
+        """
+        y = self.y.detach().cpu().numpy().astype(np.float64)
+        obs = self.observed.detach().cpu().numpy()
+        S, C = y.shape[:2]
+        out = np.where(obs, y, 0.0)
+        todo = ~obs
+        fits = {}
+
+        def mapped(t, u, c, where):
+            if (t, u, c) not in fits:
+                both = obs[t, c] & obs[u, c]
+                a, b = 1.0, 0.0
+                if both.sum() >= self.min_fit_pixels:
+                    src, dst = y[u, c][both], y[t, c][both]
+                    var = src.var()
+                    a = float(((src - src.mean()) * (dst - dst.mean())).mean() / var) if var > 1e-12 else 1.0
+                    b = float(dst.mean() - a * src.mean())
+                elif obs[t, c].sum() >= self.min_fit_pixels and obs[u, c].sum() >= self.min_fit_pixels:
+                    src, dst = y[u, c][obs[u, c]], y[t, c][obs[t, c]]
+                    a = float(dst.std() / src.std()) if src.std() > 1e-12 else 1.0
+                    b = float(dst.mean() - a * src.mean())
+                fits[t, u, c] = (a, b)
+            a, b = fits[t, u, c]
+            return a * y[u, c][where] + b
+
+        for t in range(S):
+            for c in range(C):
+                rest = todo[t, c].copy()
+                for d in range(1, S):
+                    if not rest.any() or (t - d < 0 and t + d >= S):
+                        break
+                    prev = rest & obs[t - d, c] if t - d >= 0 else np.zeros_like(rest)
+                    nxt = rest & obs[t + d, c] if t + d < S else np.zeros_like(rest)
+                    tie = prev & nxt
+                    for sel, u in ((prev & ~tie, t - d), (nxt & ~tie, t + d)):
+                        if sel.any():
+                            out[t, c][sel] = mapped(t, u, c, sel)
+                    if tie.any():
+                        out[t, c][tie] = 0.5 * (mapped(t, t - d, c, tie) + mapped(t, t + d, c, tie))
+                    rest &= ~(prev | nxt)
+                todo[t, c] = rest
+        filled = torch.from_numpy(out.astype(np.float32)).to(self.y.device)
+        if todo.any():  # observed at no date: fill spatially, from the temporally filled plane
+            spatial = Inpainting(filled, torch.from_numpy(~todo).to(self.y.device))
+            spatial.biharmonic_limit = self.biharmonic_limit
+            filled = spatial.initial_estimate()
+        return filled
+
     def holdout(self, fraction: float, generator: torch.Generator) -> tuple["Inpainting", torch.Tensor]:
         """Split off about ``fraction`` of the observed entries as a validation set.
 
@@ -165,10 +237,10 @@ class Inpainting(Operator):
             chosen[order[:k]] = True
             held = cand & chosen[tid].reshape(1, 1, H, W)
             if int(held.sum()) >= 16 and int(held.sum()) <= 0.25 * n_obs:
-                return Inpainting(self.y, obs & ~held), held
+                return Inpainting(self.y, obs & ~held, start=self.start), held
         draw = torch.rand((1, 1, H, W), generator=generator, device="cpu").to(obs.device)
         held = obs & (draw < fraction)
-        return Inpainting(self.y, obs & ~held), held
+        return Inpainting(self.y, obs & ~held, start=self.start), held
 
 
 class Denoising(Operator):
@@ -195,31 +267,131 @@ def median3(y: np.ndarray) -> np.ndarray:
     return ndimage.median_filter(y, size=(1, 1, 3, 3), mode="reflect")
 
 
-class MixedNoise(Operator):
-    """Gaussian plus sparse impulse noise: ``y = x + s + n``, ``n ~ N(0, sigma^2)``, ``s`` sparse
-    (salt-and-pepper, outliers, hot pixels).
+def _robust_std(v: np.ndarray, axis=None) -> np.ndarray:
+    med = np.median(v, axis=axis, keepdims=True)
+    return 1.4826 * np.median(np.abs(v - med), axis=axis)
 
-    The sparse part is found first: entries farther than ``threshold * sigma`` from the 3 x 3
-    median of their plane are outliers (the hard-threshold form of the reference code's
-    soft-thresholded sparse term, decided once instead of at every iteration: with an untrained
-    network that learns to reproduce its targets, a sparse term that is re-estimated each
-    iteration lets the impulses back in). Outliers carry no information about ``x`` and are
-    treated as missing; the other entries keep the Gaussian data term
-    ``w/2 ||M (y - x)||^2``, ``w = weight / sigma^2``, whose proximal operator is elementwise.
+
+def find_dead_lines(y: np.ndarray) -> np.ndarray:
+    """Dead lines: whole columns (or rows) of a plane that hold one constant value while their
+    neighbours vary (a dead detector element, a dropped scan line set to 0).
+
+    A line is dead when more than half of its entries equal its median exactly and a neighbouring
+    line is not so (a constant background, e.g. zero padding, is not a dead line). Returns a boolean
+    ``(S, C, H, W)`` mask, True on dead entries.
+    """
+    dead = np.zeros(y.shape, dtype=bool)
+    for line_axis, along in ((3, 2), (2, 3)):  # columns (constant along Y), then rows
+        med = np.median(y, axis=along, keepdims=True)
+        flat = np.mean(y == med, axis=along, keepdims=True) > 0.5  # (S, C, 1, W) or (S, C, H, 1)
+        n = flat.shape[line_axis]
+        if n < 3:
+            continue
+        live_nb = np.zeros_like(flat)
+        live_nb.swapaxes(line_axis, -1)[..., 1:] |= ~flat.swapaxes(line_axis, -1)[..., :-1]
+        live_nb.swapaxes(line_axis, -1)[..., :-1] |= ~flat.swapaxes(line_axis, -1)[..., 1:]
+        dead |= np.broadcast_to(flat & live_nb, y.shape)
+    return dead
+
+
+def estimate_stripes(y: np.ndarray, exclude: np.ndarray | None = None, *, width: int = 7,
+                     threshold: float = 3.0, passes: int = 2) -> np.ndarray:
+    """Stripe noise: an offset that is constant along whole columns (or rows) of a plane.
+
+    For every plane, the residual of a ``width``-wide median filter across lines is taken, and its
+    median along each line is that line's offset (robust to impulses and to the noise, whose
+    contribution shrinks as 1/sqrt(line length)). Offsets that do not stand out from the others
+    (``threshold`` robust deviations of the offsets of that plane) are set to zero, so clean planes
+    are left alone. Columns first, then rows; ``passes`` refinements. ``exclude`` (e.g. dead lines)
+    is left out of the estimate. Returns the stripe array, ``(S, C, H, W)``.
+    """
+    from scipy import ndimage
+
+    work = y.astype(np.float32, copy=True)
+    if exclude is not None and exclude.any():
+        work = np.where(exclude, ndimage.median_filter(work, size=(1, 1, 3, 3), mode="reflect"), work)
+    stripes = np.zeros_like(work)
+    for _ in range(passes):
+        for line_axis, along in ((3, 2), (2, 3)):
+            if work.shape[line_axis] < width or work.shape[along] < 8:
+                continue
+            size = [1, 1, 1, 1]
+            size[line_axis] = width
+            cur = work - stripes
+            resid = cur - ndimage.median_filter(cur, size=size, mode="reflect")
+            off = np.median(resid, axis=along, keepdims=True)
+            spread = _robust_std(off, axis=line_axis) + 1e-12
+            off = np.where(np.abs(off) > threshold * np.expand_dims(spread, line_axis), off, 0.0)
+            stripes = stripes + off
+    return stripes.astype(np.float32)
+
+
+def plane_sigmas(y: np.ndarray) -> np.ndarray:
+    """Gaussian noise level of every plane of ``(S, C, H, W)``: :func:`skimage.restoration.estimate_sigma`
+    (wavelet-domain median absolute deviation), which impulses and edges barely move."""
+    from skimage.restoration import estimate_sigma
+
+    S, C = y.shape[:2]
+    flat = y.reshape(S * C, *y.shape[2:]).astype(np.float64)
+    return np.array([estimate_sigma(p) for p in flat], dtype=np.float64).reshape(S, C)
+
+
+class MixedNoise(Operator):
+    """Gaussian plus sparse and structured noise: ``y = x + n + s + l + d``.
+
+    * ``n``: Gaussian, with its own level ``sigma_p`` in every plane (band, channel, frame);
+    * ``s``: impulses (salt-and-pepper, hot pixels, outliers);
+    * ``l``: stripes, offsets constant along whole columns or rows of a plane;
+    * ``d``: dead lines, whole columns or rows stuck at one value.
+
+    Each sparse part is found once, before the loop, by a robust rule, instead of the reference
+    code's single soft-thresholded sparse term re-estimated every iteration (with an untrained
+    network that learns to reproduce its targets, that term lets impulses back in: 17.7 dB vs
+    26.6 dB on the README's case). Dead lines (:func:`find_dead_lines`) and impulses (entries
+    farther than ``threshold * sigma_p`` from the 3 x 3 median of the destriped plane) carry no
+    information about ``x`` and are treated as missing; stripes (:func:`estimate_stripes`) are
+    subtracted. The remaining entries keep the Gaussian data term ``w_p/2 ||y - l - x||^2`` with
+    ``w_p = weight / sigma_p^2``, whose proximal operator is elementwise.
+
+    Parameters
+    ----------
+    y : tensor (S, C, H, W)
+        The normalized observation.
+    sigma : float, array of shape (S, C), or None
+        Gaussian noise level (normalized units); None estimates it in every plane.
+    weight : float
+        Scale of the data term.
+    threshold : float
+        Impulse threshold in noise standard deviations.
+    stripes : bool
+        Look for stripes and dead lines.
     """
 
-    def __init__(self, y: torch.Tensor, sigma: float, weight: float = 1.0, threshold: float = 3.0,
-                 median: np.ndarray | None = None):
-        super().__init__(y)
-        self.sigma = float(sigma)
-        self.w = weight / max(self.sigma, 1e-4) ** 2
-        yn = y.detach().cpu().numpy()
-        self._median = median3(yn) if median is None else median
-        out = np.abs(yn - self._median) > float(threshold) * max(self.sigma, 1e-4)
+    def __init__(self, y: torch.Tensor, sigma=None, weight: float = 1.0, threshold: float = 3.0,
+                 stripes: bool = True):
+        yn = y.detach().cpu().numpy().astype(np.float32)
+        S, C = yn.shape[:2]
+        self.dead = find_dead_lines(yn) if stripes else np.zeros(yn.shape, bool)
+        self.stripes = estimate_stripes(yn, self.dead) if stripes else np.zeros_like(yn)
+        clean = yn - self.stripes
+        self._median = median3(clean)
+        if sigma is None:
+            r = clean - self._median  # despeckle before estimating: impulses must not inflate sigma
+            mad = _robust_std(r.reshape(S, C, -1), axis=-1)[..., None, None] + 1e-12
+            sig = plane_sigmas(np.where((np.abs(r) > 4 * mad) | self.dead, self._median, clean))
+        else:
+            sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (S, C))
+        self.sigmas = np.maximum(sig, 1e-3)
+        self.sigma = float(np.median(self.sigmas))
+        thr = float(threshold) * self.sigmas[..., None, None]
+        out = (np.abs(clean - self._median) > thr) | self.dead
+        super().__init__(torch.from_numpy(clean).to(y.device))
+        self.observation = y
         self.outliers = torch.from_numpy(out).to(y.device)
+        self.w = (float(weight) / torch.from_numpy(self.sigmas.astype(np.float32)) ** 2).reshape(S, C, 1, 1).to(y.device)
 
     def initial_estimate(self) -> torch.Tensor:
-        """The observation with its outliers replaced by the 3 x 3 median."""
+        """The destriped observation with impulses and dead lines replaced by the 3 x 3 median."""
         med = torch.from_numpy(self._median).to(self.y.device)
         return torch.where(self.outliers, med, self.y)
 
@@ -227,5 +399,7 @@ class MixedNoise(Operator):
         return torch.where(self.outliers, v, (self.w * self.y + mu * v) / (self.w + mu))
 
     def sparse(self, x: torch.Tensor) -> torch.Tensor:
-        """The sparse component for the estimate ``x`` (zero away from the outliers)."""
-        return torch.where(self.outliers, self.y - x, torch.zeros_like(x))
+        """The non-Gaussian noise found for the estimate ``x``: stripes everywhere, plus
+        ``y - x`` on impulses and dead lines."""
+        s = torch.from_numpy(self.stripes).to(x.device)
+        return torch.where(self.outliers, self.observation - x, s)

@@ -67,6 +67,7 @@ class SolverOptions:
     ema: float = 0.0
     tol: float = 0.0
     min_iterations: int = 0
+    final_weight: float = 1.0  # fused data terms: data-weight multiplier of the final re-solve
     seed: int = 0
 
 
@@ -274,7 +275,24 @@ class Restoration:
                 self._full_start = self.full_operator.initial_estimate().to(self.device)
             return self.full_operator.compose(self._full_start)
         best = st.best if st.best is not None else self.x
+        op = self.operator
+        if op.fused_weight is not None and self.opt.final_weight != 1.0 and st.iteration > 0:
+            best = self._reweight(best, op.fused_weight, op.fused_weight * float(self.opt.final_weight))
         return self.full_operator.compose(best)
+
+    def _reweight(self, x: torch.Tensor, w: float, w_new: float) -> torch.Tensor:
+        """Re-solve the last X-update with data weight ``w_new`` instead of ``w``.
+
+        Every X-update is linear: ``x = (w + L)^-1 (w y + g)`` with ``g = sum_i lambda_i D_i^T f_i``,
+        so an average of iterates is the same solve with the averaged network fields. Recover
+        ``g = (w + L) x - w y`` and solve ``(w_new + L) x' = w_new y + g``: the network's averaged
+        gradients with a weaker pull towards the noisy data (``SolverOptions.final_weight``).
+        """
+        from ._dct import dctn, idctn
+
+        dims, eig, y = self.grad.dims, self.grad._eig, self.operator.y
+        spec = dctn(x, dims) * (w + eig) + (w_new - w) * dctn(y, dims)
+        return idctn(spec / (w_new + eig), dims)
 
     def gradients(self) -> dict:
         """Gradient maps of the returned estimate along each regularized axis (Neumann forward differences)."""
