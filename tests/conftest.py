@@ -39,3 +39,22 @@ def psnr(ref, x, mask=None):
         ref, x = ref[mask], x[mask]
     rng = ref.max() - ref.min()
     return 10 * np.log10(rng**2 / np.mean((ref - x) ** 2))
+
+
+@pytest.fixture(scope="session")
+def cube():
+    """A (12, 48, 48) hyperspectral-like cube in [0, 1]: smooth spectra mixed by smooth abundance
+    maps plus sharp single-material rectangles (as in benchmarks/_data.hsi_cube)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    bands, size = 12, 48
+    wl = np.linspace(0, 1, bands)
+    spectra = np.stack([0.2 + 0.6 * np.exp(-0.5 * ((wl - c) / 0.3) ** 2) for c in (0.1, 0.5, 0.9)])
+    logits = np.stack([ndimage.gaussian_filter(rng.normal(size=(size, size)), 5, mode="wrap") for _ in range(3)])
+    ab = np.exp(4 * logits / logits.std())
+    ab /= ab.sum(0)
+    ab[:, 10:22, 8:30] = np.array([1.0, 0.0, 0.0])[:, None, None]
+    ab[:, 30:44, 26:40] = np.array([0.0, 0.0, 1.0])[:, None, None]
+    c = np.einsum("eb,eyx->byx", spectra, ab)
+    return (c - c.min()) / (c.max() - c.min())

@@ -272,3 +272,46 @@ def test_mixed_noise_recovers_impulse_pixels(rgb48):
     assert psnr(rgb48, out) > psnr(rgb48, noisy) + 8
     with pytest.raises(ValueError, match="noise must be"):
         napari_ngr.denoise(noisy, noise="poisson")
+
+
+def test_mixed_noise_removes_a_stripe_and_fills_dead_lines(cube):
+    """Stripes on one band are removed (not kept), a dead column is filled (not kept at 0), with
+    noise levels that differ per band."""
+    rng = np.random.default_rng(2)
+    sig = np.linspace(0.02, 0.06, cube.shape[0])
+    noisy = cube + sig[:, None, None] * rng.normal(size=cube.shape)
+    cols = np.array([5, 12, 20, 33, 41])
+    noisy[4][:, cols] += np.array([0.25, -0.2, 0.3, -0.25, 0.2])
+    noisy[8][:, 25] = 0.0  # dead column
+    kw = dict(channel_axis=0, noise="mixed", iterations=60)
+    out = napari_ngr.denoise(noisy, **kw)
+    stripe_err = np.abs((out[4] - cube[4])[:, cols].mean(axis=0))
+    assert stripe_err.max() < 0.05  # offsets of 0.2-0.3 removed
+    assert psnr(cube[4], out[4]) > psnr(cube[4], noisy[4]) + 7
+    assert psnr(cube[8][:, 25], out[8][:, 25]) > psnr(cube[8][:, 25], noisy[8][:, 25]) + 15
+    assert psnr(cube, out) > psnr(cube, noisy) + 5
+
+
+def test_many_bands_get_the_band_weight():
+    assert napari_ngr.default_weights("denoise", 3)["channel_weight"] == napari_ngr.DEFAULTS["denoise"]["channel_weight"]
+    assert napari_ngr.default_weights("denoise", 31)["channel_weight"] == napari_ngr.DEFAULTS["denoise"]["band_weight"]
+    job = napari_ngr.prepare_denoise(np.random.default_rng(0).random((8, 16, 16)), channel_axis=0, iterations=1)
+    assert job._r.axes["c"][1] == napari_ngr.DEFAULTS["denoise"]["band_weight"]
+
+
+def test_final_reweight_is_the_same_solve_with_another_data_weight(rgb48):
+    """The returned denoised image re-solves the X-update with ``final_weight`` times the data
+    weight: check it against an explicit solve with the same network fields."""
+    noisy = rgb48 + np.random.default_rng(0).normal(0, 0.1, rgb48.shape)
+    job = napari_ngr.prepare_denoise(noisy, channel_axis=-1, iterations=2)
+    r = job._r
+    g = torch.randn(r.shape, generator=torch.Generator().manual_seed(0))
+    w = r.operator.fused_weight
+    x = r.grad.solve(g + w * r.operator.y, w)
+    x2 = r._reweight(x, w, 0.5 * w)
+    ref = r.grad.solve(g + 0.5 * w * r.operator.y, 0.5 * w)
+    assert torch.allclose(x2, ref, atol=1e-4)
+    assert torch.allclose(r._reweight(x, w, w), x, atol=1e-4)
+    assert job._r.opt.final_weight == napari_ngr.DEFAULTS["denoise"]["options"]["final_weight"] < 1
+    stack = napari_ngr.prepare_denoise(np.stack([noisy[..., 0]] * 3), iterations=1)
+    assert stack._r.opt.final_weight == 1.0  # stacks keep the full data weight

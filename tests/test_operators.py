@@ -90,3 +90,49 @@ def test_holdout_copies_the_mask_pattern():
     _, held2 = Inpainting(torch.rand(sparse.shape) * sparse, sparse).holdout(0.05, gen)
     assert held2.any() and not (held2 & ~sparse).any()
     assert torch.equal(held2[:, 0], held2[:, 1]) and torch.equal(held2[:, 0], held2[:, 2])  # whole pixels
+
+
+def test_dctn_cpu_fast_path_matches_torch_path():
+    """On the CPU dctn/idctn use scipy's DCT; the torch FFT construction (other devices) agrees."""
+    from napari_ngr._dct import dctn, idctn
+
+    x = torch.randn(2, 3, 7, 10, dtype=torch.float64)
+    fast = dctn(x, [1, 2, 3])
+    slow = x
+    for d in (1, 2, 3):
+        slow = dct(slow, d)
+    np.testing.assert_allclose(fast.numpy(), slow.numpy(), atol=1e-12)
+    np.testing.assert_allclose(idctn(fast, [1, 2, 3]).numpy(), x.numpy(), atol=1e-12)
+
+
+def _striped(cube, rng):
+    y = cube + rng.normal(0, 0.02, cube.shape)
+    cols = rng.choice(cube.shape[2], 8, replace=False)
+    offs = rng.choice([-1, 1], 8) * rng.uniform(0.15, 0.3, 8)
+    truth = np.zeros_like(cube)
+    truth[3][:, cols] = offs
+    return y + truth, truth
+
+
+def test_estimate_stripes_finds_column_offsets_and_leaves_clean_planes(cube):
+    from napari_ngr.operators import estimate_stripes
+
+    rng = np.random.default_rng(0)
+    y, truth = _striped(cube, rng)
+    est = estimate_stripes(y[None].astype(np.float32))[0]
+    err = est - truth
+    assert np.sqrt(np.mean(err[3] ** 2)) < 0.25 * np.sqrt(np.mean(truth[3] ** 2))  # band 3: found
+    clean = np.delete(np.arange(cube.shape[0]), 3)
+    assert np.abs(est[clean]).max() < 0.05  # other bands: (almost) nothing subtracted
+
+
+def test_find_dead_lines_ignores_constant_background(cube):
+    from napari_ngr.operators import find_dead_lines
+
+    y = cube + np.random.default_rng(1).normal(0, 0.02, cube.shape)
+    y[2][:, 17] = 0.0  # a dead column
+    y[5][:, :4] = 0.0  # zero padding: four constant columns side by side, the first next to a border
+    dead = find_dead_lines(y[None])[0]
+    assert dead[2][:, 17].all()
+    assert dead.sum() == dead[2][:, 17].sum() + dead[5][:, 3].sum()  # only the column next to live data
+    assert not dead[5][:, :3].any()
