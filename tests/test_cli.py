@@ -71,7 +71,7 @@ def test_version_and_help_in_a_subprocess():
     assert out.returncode == 0 and out.stdout.strip() == f"napari-ngr {napari_ngr.__version__}"
     out = subprocess.run([sys.executable, "-m", "napari_ngr", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for text in ("inpaint", "denoise", "examples:", "masks", "NAME_mask.tif", "NAME_ngr", "rounded half to even",
+    for text in ("inpaint", "denoise", "decloud", "--time-axis", "examples:", "masks", "NAME_mask.tif", "NAME_ngr", "rounded half to even",
                  "--overwrite", "--resume", "exit status", "memory"):
         assert text in out.stdout, text
 
@@ -85,6 +85,12 @@ def test_subcommand_help_lists_every_option(capsys):
         assert opt in text, opt
     assert main(["denoise", "--help"]) == 0
     assert "--sigma" in capsys.readouterr().out
+    assert main(["decloud", "--help"]) == 0
+    text = capsys.readouterr().out
+    for opt in ("--mask", "--mask-suffix", "--time-axis", "--channel-axis", "--axes", "-o", "--output-dir",
+                "--iterations", "--stack-weight", "--gradients", "--overwrite", "--max-memory", "(T, Y, X)",
+                "napari-ngr decloud"):
+        assert opt in text, opt
     assert main(["--version"]) == 0
 
 
@@ -412,3 +418,71 @@ def test_mixed_noise_option(tmp_path):
     assert main(["denoise", str(tmp_path / "sp.npy"), "--noise", "mixed", "--iterations", "40", "-q"]) == 0
     out = np.load(tmp_path / "sp_ngr.npy")
     assert psnr(clean, out) > psnr(clean, noisy) + 8
+
+
+# ---------------------------------------------------------------------------- decloud
+def cloudy_series_u16(camera):
+    """A (4, 32, 32) uint16 time series (per-date gain and offset, noise) with clouds (60000) on dates 1
+    and 2, and its (T, Y, X) cloud mask."""
+    c = camera[8:40, 8:40].astype(np.float64)
+    noise = np.random.default_rng(3).normal(0, 150, (4, 32, 32))
+    clean = np.stack([c * g + o for g, o in ((200, 1000), (190, 1500), (210, 700), (205, 1200))]) + noise
+    clean = np.clip(clean, 0, 65535).astype(np.uint16)
+    yy, xx = np.mgrid[:32, :32]
+    cloud = ((yy - 12) / 7.0) ** 2 + ((xx - 14) / 8.0) ** 2 <= 1
+    mask = np.zeros(clean.shape, np.uint8)
+    mask[1] = cloud
+    mask[2] = np.roll(cloud, (12, 10), axis=(0, 1))
+    return clean, np.where(mask != 0, 60000, clean).astype(np.uint16), mask
+
+
+def test_decloud_time_series_restores_the_clouds(tmp_path, camera, capsys):
+    clean, cloudy, mask = cloudy_series_u16(camera)
+    tifffile.imwrite(tmp_path / "s.tif", cloudy, imagej=True, resolution=(2.0, 2.0),
+                     metadata={"axes": "TYX", "finterval": 5.0, "unit": "m"})
+    tifffile.imwrite(tmp_path / "s_mask.tif", mask, photometric="minisblack")  # beside NAME.tif, (T, Y, X)
+    assert main(["decloud", str(tmp_path / "s.tif"), "--iterations", "30"]) == 0
+    err = capsys.readouterr().err
+    assert "memory:" in err and "s.tif -> " in err and "1 done, 0 skipped, 0 failed" in err
+    with tifffile.TiffFile(tmp_path / "s_ngr.tif") as tif:
+        assert tif.is_imagej and tif.series[0].axes == "TYX"
+        assert tif.imagej_metadata["finterval"] == 5.0 and tif.imagej_metadata["unit"] == "m"
+        out = tif.asarray()
+    assert out.dtype == np.uint16 and out.shape == cloudy.shape
+    clear = mask == 0
+    np.testing.assert_array_equal(out[clear], cloudy[clear])  # clear pixels unchanged
+    m = mask != 0
+    assert psnr(clean, out, m) > psnr(clean, cloudy, m) + 10
+    # resume: the output exists, the file is skipped
+    assert main(["decloud", str(tmp_path / "s.tif"), "--iterations", "30"]) == 0
+    assert "skipped" in capsys.readouterr().err
+
+
+def test_decloud_time_axis_option_and_gradients(tmp_path, camera):
+    _, cloudy, mask = cloudy_series_u16(camera)
+    yxt = np.moveaxis(cloudy, 0, -1).astype(np.float32)  # dates last: (Y, X, T)
+    np.save(tmp_path / "v.npy", yxt)
+    np.save(tmp_path / "clouds.npy", np.moveaxis(mask, 0, -1))
+    assert main(["decloud", str(tmp_path / "v.npy"), "--mask", str(tmp_path / "clouds.npy"), "--time-axis", "2",
+                 "--gradients", "-q", *IT]) == 0
+    assert listing(tmp_path) == ["clouds.npy", "v.npy", "v_ngr.npy", "v_ngr_grad-t.npy", "v_ngr_grad-x.npy",
+                                 "v_ngr_grad-y.npy"]
+    out = np.load(tmp_path / "v_ngr.npy")
+    assert out.dtype == np.float32 and out.shape == yxt.shape
+    clear = np.moveaxis(mask, 0, -1) == 0
+    np.testing.assert_array_equal(out[clear], yxt[clear])
+    assert np.load(tmp_path / "v_ngr_grad-t.npy").shape == yxt.shape
+
+
+def test_decloud_single_date_fails_clearly(tmp_path, camera, capsys):
+    _, cloudy, mask = cloudy_series_u16(camera)
+    tifffile.imwrite(tmp_path / "one.tif", cloudy[1], imagej=True)  # one date: (Y, X)
+    tifffile.imwrite(tmp_path / "one_mask.tif", mask[1])
+    np.save(tmp_path / "t1.npy", cloudy[1:2])  # (1, Y, X): a T axis of length 1
+    np.save(tmp_path / "t1_mask.npy", mask[1:2])
+    assert main(["decloud", str(tmp_path), *IT]) == 1
+    err = capsys.readouterr().err
+    assert "one.tif: FAILED: a single date" in err and "use inpaint" in err
+    assert "t1.npy: FAILED:" in err and "at least 2 dates" in err
+    assert "0 done, 0 skipped, 2 failed" in err
+    assert listing(tmp_path) == ["one.tif", "one_mask.tif", "t1.npy", "t1_mask.npy"]

@@ -260,6 +260,71 @@ def test_rgb_layer_inpainting(make_napari_viewer, qtbot, errors):
     assert psnr(d["clean"], restored.data) > psnr(d["clean"], photo.data) + 3
 
 
+def _cloudy_series(rgb=False):
+    """A (4, 32, 32) time series in [0, 1] (grey, or RGB (4, 32, 32, 3)) with per-date gain and offset,
+    clouds (0.95) on dates 1 and 2, and its (T, Y, X) uint8 cloud mask."""
+    from skimage import data
+    from skimage.transform import resize
+
+    base = resize(data.astronaut()[30:330, 100:400], (32, 32), anti_aliasing=True)
+    if not rgb:
+        base = base.mean(-1)
+    rng = np.random.default_rng(0)
+    clean = np.stack([np.clip(base * g + o, 0, 1) for g, o in zip(rng.uniform(0.85, 1.0, 4),
+                                                                     rng.uniform(0.0, 0.08, 4))]).astype(np.float32)
+    yy, xx = np.mgrid[:32, :32]
+    cloud = ((yy - 12) / 7.0) ** 2 + ((xx - 14) / 8.0) ** 2 <= 1
+    mask = np.zeros((4, 32, 32), np.uint8)
+    mask[1] = cloud
+    mask[2] = np.roll(cloud, (12, 10), axis=(0, 1))
+    where = mask[..., None] if rgb else mask
+    return clean, np.where(where != 0, np.float32(0.95), clean), mask
+
+
+@pytest.mark.parametrize("rgb", [False, True], ids=["TYX", "RGB-TYXC"])
+def test_decloud_time_series(make_napari_viewer, qtbot, errors, rgb):
+    viewer = make_napari_viewer()
+    clean, cloudy, mask = _cloudy_series(rgb)
+    image = viewer.add_image(cloudy, name="series", rgb=rgb, axis_labels=("t", "y", "x"), scale=(1.0, 10.0, 10.0))
+    clouds = viewer.add_labels(mask, name="clouds", scale=(1.0, 10.0, 10.0))
+    w = dock(viewer, task="decloud", iterations=30)
+    assert w.task == "decloud" and w.axes == ("TYXC" if rgb else "TYX")
+    assert w.image_combo.value() is image and w.mask_combo.value() is clouds
+    assert w.mask_combo.isEnabled() and w.early_stop_check.isEnabled()
+    if rgb:
+        w.early_stop_check.setChecked(False)  # as for inpaint: holdout=0, the last iterate is returned
+    click_run(qtbot, w, timeout=60_000)
+    assert errors == []
+    if rgb:
+        assert w.last_result.best_iteration == 30 and w.last_result.stop_reason == "iteration budget reached"
+    restored = viewer.layers["series restored"]
+    assert restored.data.shape == cloudy.shape and restored.rgb == rgb
+    np.testing.assert_allclose(restored.scale, image.scale)
+    assert restored.metadata["napari_ngr"]["task"] == "decloud"
+    m = np.broadcast_to((mask[..., None] if rgb else mask) != 0, cloudy.shape)
+    np.testing.assert_array_equal(restored.data[~m], cloudy[~m])  # clear pixels: exactly the input
+    err_in, err_out = np.abs(cloudy[m] - clean[m]).mean(), np.abs(restored.data[m] - clean[m]).mean()
+    assert err_out < 0.25 * err_in, (err_out, err_in)  # clouded pixels: much closer to the truth
+    for axis in "tyx" + ("c" if rgb else ""):
+        g = viewer.layers[f"series \u2207{axis}"]
+        assert g.data.shape == ((3,) + cloudy.shape[:-1] if rgb else cloudy.shape) and not g.visible
+    np.testing.assert_array_equal(image.data, cloudy)  # the input layer is untouched
+
+
+def test_decloud_without_time_axis_is_reported(make_napari_viewer, qtbot, errors):
+    viewer = make_napari_viewer()
+    _, cloudy, mask = _cloudy_series()
+    viewer.add_image(cloudy, name="stack")  # no axis labels: prefilled as ZYX
+    viewer.add_labels(mask, name="clouds")
+    w = dock(viewer, task="decloud", iterations=30)
+    assert w.axes == "ZYX"
+    snap = _snapshot(viewer)
+    click_run(qtbot, w)
+    assert len(errors) == 1 and "time axis" in errors[0] and "to T" in errors[0]
+    _assert_unchanged(viewer, snap)
+    assert not w.is_running and w.run_button.text() == "Run" and w.image_combo.isEnabled()
+
+
 # --------------------------------------------------------------------------- errors
 def _snapshot(viewer):
     return [(layer.name, layer.data.copy()) for layer in viewer.layers]

@@ -1,6 +1,6 @@
 """The ``napari-ngr`` command: batch restoration of TIFF / NumPy files without napari.
 
-``napari-ngr inpaint ...`` and ``napari-ngr denoise ...`` drive the same
+``napari-ngr inpaint ...``, ``napari-ngr denoise ...`` and ``napari-ngr decloud ...`` drive the same
 :class:`~napari_ngr.RestorationJob` loop as the Python API and the napari widget. See
 ``napari-ngr --help`` (or :data:`RULES` below) for the rules on inputs, masks, outputs, dtypes,
 resuming and memory.
@@ -33,6 +33,7 @@ EXTENSIONS = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".npy")  # longest first
 TIFF_EXTENSIONS = (".ome.tiff", ".ome.tif", ".tiff", ".tif")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+MASK_TASKS = ("inpaint", "decloud")  # tasks that read a mask (nonzero = missing / clouded)
 
 RULES = """\
 inputs:
@@ -57,6 +58,10 @@ axes (first that applies):
   ImageJ/OME/tifffile axes (samples S count as channels C), then the defaults: 2-D is YX,
   3-D is ZYX, 4-D needs --channel-axis or --axes. A file whose axes cannot be mapped
   (e.g. "E" or "A") fails with a message unless --axes or --channel-axis is given.
+  decloud: the dates are --time-axis N, else the T of --axes or of the file's axes, else
+  axis 0; the bands are --channel-axis N, else the C of --axes or of the file's axes, else
+  none; the other two axes are Y, X. A single date (no axis left for T, or T of length 1)
+  fails: use inpaint.
 
 dtype:
   --dtype input     (default) the input's dtype. Integer types: the restored values are
@@ -95,12 +100,14 @@ exit status:
 """
 
 MASK_RULES = """\
-masks (inpaint; nonzero = missing):
+masks (inpaint, decloud; nonzero = missing or clouded):
   --mask FILE       one mask for every input;
   otherwise         NAME_mask.tif (.tiff, .ome.tif or .npy) beside NAME.tif;
                     --mask-suffix changes "_mask".
-  A mask has the image's shape, the image's shape without its channel axis, or (Y, X)
-  (the same mask on every plane).
+  inpaint: a mask has the image's shape, the image's shape without its channel axis, or
+  (Y, X) (the same mask on every plane). decloud: the cloud and shadow mask has the
+  stack's shape without its band axis, i.e. (T, Y, X) in the stack's axis order (the same
+  for every band), or the stack's shape.
 
 """
 
@@ -109,6 +116,8 @@ examples:
   napari-ngr inpaint scan.tif --mask scan_mask.tif -o scan_filled.tif
   napari-ngr inpaint "tiles/*.tif" --output-dir restored/ --gradients
   napari-ngr inpaint movie.tif --mask scratches.tif --axes TCYX --iterations 400 -o out.tif
+  napari-ngr decloud series.tif -o series_clear.tif       # clouds in series_mask.tif, (T, Y, X)
+  napari-ngr decloud "scenes/*.tif" --time-axis 0 --channel-axis 1 --output-dir clear/
   napari-ngr denoise stack.ome.tif --sigma 12 --device cuda -o stack_dn.ome.tif
   napari-ngr denoise data/ --output-dir denoised/ --dtype float32 --quiet
   napari-ngr denoise rgb.npy --channel-axis -1 --seed 1 -o rgb_dn.npy
@@ -207,13 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="axis of the channels/bands (e.g. -1 for Y,X,C; 1 for T,C,Y,X)")
         lay.add_argument("--axes", type=_axes_arg, metavar="AXES",
                          help="axis letters from T Z C Y X, e.g. TCYX, ZYX, YXC (overrides the file's axes)")
+        if task == "decloud":
+            lay.add_argument("--time-axis", type=_int, metavar="N",
+                             help="axis of the dates (default: the T of --axes or of the file's axes, else 0)")
         sol = p.add_argument_group("restoration")
         sol.add_argument("--iterations", type=_positive_int, metavar="N",
                          help=f"iteration budget (default {d['iterations']})")
         sol.add_argument("--spatial-weight", type=_float_ge0, metavar="W",
                          help=f"weight of the Y/X gradients (default {d['spatial_weight']})")
         sol.add_argument("--channel-weight", type=_float_ge0, metavar="W",
-                         help=f"weight of the channel gradient (default {d['channel_weight']})")
+                         help=f"weight of the channel gradient (default {d['channel_weight']}"
+                              + (f"; {d['band_weight']} above 4 channels" if "band_weight" in d else "") + ")")
         sol.add_argument("--stack-weight", type=_float_ge0, metavar="W",
                          help=f"weight of the Z/T gradient (default {d['stack_weight']})")
         sol.add_argument("--seed", type=_int, default=0, help="random seed (default 0)")
@@ -231,11 +244,22 @@ def build_parser() -> argparse.ArgumentParser:
                           help="fill missing pixels given by a mask (nonzero = missing)",
                           description="Fill the missing entries (mask nonzero) of images or stacks.")
     common(p_in, "inpaint")
-    m = p_in.add_argument_group("mask")
-    m.add_argument("--mask", metavar="FILE", help="one mask for every input (nonzero = missing)")
-    m.add_argument("--mask-suffix", default=DEFAULT_MASK_SUFFIX, metavar="SUFFIX",
-                   help=f"pair NAME.tif with NAME{{SUFFIX}}.tif (default {DEFAULT_MASK_SUFFIX!r}; "
-                        f"write --mask-suffix=-m for a suffix that starts with '-')")
+
+    def mask_options(p, what):
+        m = p.add_argument_group("mask")
+        m.add_argument("--mask", metavar="FILE", help=f"one mask for every input (nonzero = {what})")
+        m.add_argument("--mask-suffix", default=DEFAULT_MASK_SUFFIX, metavar="SUFFIX",
+                       help=f"pair NAME.tif with NAME{{SUFFIX}}.tif (default {DEFAULT_MASK_SUFFIX!r}; "
+                            f"write --mask-suffix=-m for a suffix that starts with '-')")
+
+    mask_options(p_in, "missing")
+
+    p_dc = sub.add_parser("decloud", formatter_class=_Formatter, epilog=_epilog(masks=True),
+                          help="remove clouds and shadows from a time series given a cloud mask (nonzero = clouded)",
+                          description="Restore the clouded entries (mask nonzero) of multi-temporal stacks, (T, Y, X) or\n"
+                                      "(T, C, Y, X) in any axis order, from their clear dates; clear entries are kept.")
+    common(p_dc, "decloud")
+    mask_options(p_dc, "clouded")
 
     p_dn = sub.add_parser("denoise", formatter_class=_Formatter, epilog=_epilog(masks=False),
                           help="remove additive Gaussian noise",
@@ -248,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     g_noise.add_argument(
         "--noise", choices=("gaussian", "mixed"), default="gaussian",
         help="gaussian (default), or mixed: Gaussian plus impulse (salt-and-pepper) noise")
+
     return parser
 
 
@@ -695,6 +720,44 @@ def _layout_for(info: ImageInfo, args):
     return None, None, "the defaults"
 
 
+def _decloud_axes_for(info: ImageInfo, args):
+    """The axes (letters T, C, Y, X) of a file to decloud, and where they came from.
+
+    T: ``--time-axis``, else the T of ``--axes`` or of the file's axes, else axis 0; C:
+    ``--channel-axis``, else the C of those axes, else none; the other two axes are Y, X.
+    """
+    from .api import _decloud_layout
+
+    shape, ndim = tuple(info.shape), len(info.shape)
+    if args.axes and len(args.axes) != ndim:
+        raise ValueError(f"--axes {args.axes} has {len(args.axes)} letters but the image is {ndim}-D (shape {shape})")
+    explicit = args.axes or args.time_axis is not None or args.channel_axis is not None
+    if info.axes_problem and not explicit:
+        raise ValueError(info.axes_problem)
+    named = args.axes or (None if info.axes_problem else info.axes)
+    where = "--axes" if args.axes else f"the file's axes {info.file_axes!r}"
+    if args.time_axis is not None:
+        ta, t_src = args.time_axis, "--time-axis"
+    elif named and "T" in named:
+        ta, t_src = named.index("T"), where
+    else:
+        ta, t_src = 0, "the default"
+    if args.channel_axis is not None:
+        ca, c_src = args.channel_axis, "--channel-axis"
+    elif named and "C" in named:
+        ca, c_src = named.index("C"), where
+    else:
+        ca, c_src = None, None
+    source = f"time axis {ta} from {t_src}" + (f", band axis {ca} from {c_src}" if ca is not None else "")
+    if ndim == 2 or (ndim == 3 and ca is not None):
+        raise ValueError(f"a single date (shape {shape}, {source}): decloud needs a time series of at least "
+                         f"2 dates along a T axis; use inpaint for a single image")
+    try:
+        return _decloud_layout(shape, ta, ca).axes, source
+    except ValueError as exc:
+        raise ValueError(f"{exc} [{source}; set them with --time-axis and --channel-axis]") from None
+
+
 def _plan(item: _Item, args, task, limit, ram, gpu_free, device):
     """Header, layout, outputs still to write, mask and memory of one input; sets status/reason."""
     from . import estimate_memory
@@ -706,7 +769,10 @@ def _plan(item: _Item, args, task, limit, ram, gpu_free, device):
         return
     info = read_header(item.src)
     item.info = info
-    ca, axes, source = _layout_for(info, args)
+    if task == "decloud":
+        (axes, source), ca = _decloud_axes_for(info, args), None
+    else:
+        ca, axes, source = _layout_for(info, args)
     try:
         layout = resolve_layout(info.shape, ca, axes)
     except ValueError as exc:
@@ -720,7 +786,7 @@ def _plan(item: _Item, args, task, limit, ram, gpu_free, device):
     if not item.targets:
         item.status, item.reason = "skipped", f"{item.out} exists (--overwrite replaces it)"
         return
-    if task == "inpaint":
+    if task in MASK_TASKS:
         item.mask = Path(args.mask) if args.mask else find_mask(item.src, args.mask_suffix)
         if item.mask is None:
             stem, ext = split_name(item.src)
@@ -728,7 +794,7 @@ def _plan(item: _Item, args, task, limit, ram, gpu_free, device):
                              f"(or .tif, .tiff, .npy) beside it, or give --mask FILE")
     n = int(np.prod(info.shape))
     item.core = estimate_memory(info.shape, channel_axis=ca, axes=axes)
-    item.host = info.nbytes + n * 4 * 3 + (n if task == "inpaint" else 0)
+    item.host = info.nbytes + n * 4 * 3 + (n if task in MASK_TASKS else 0)
     if args.gradients:
         item.host += n * 4 * len(item.axis_names)
     item.needed = item.core + item.host
@@ -746,22 +812,33 @@ def _plan(item: _Item, args, task, limit, ram, gpu_free, device):
 
 
 def _run_one(item: _Item, args, task, device, rep: _Reporter, prefix: str):
-    from . import DEFAULTS, prepare_denoise, prepare_inpaint
+    import warnings
+
+    from . import DEFAULTS, prepare_decloud, prepare_denoise, prepare_inpaint
 
     info = item.info
     image = read_pixels(info)
     common = dict(channel_axis=item.channel_axis, axes=item.axes, iterations=args.iterations,
                   spatial_weight=args.spatial_weight, channel_weight=args.channel_weight,
                   stack_weight=args.stack_weight, seed=args.seed, device=device)
-    if task == "inpaint":
+    if task in MASK_TASKS:
         try:
             mask = read_any(item.mask)
         except Exception as exc:
             raise ValueError(f"cannot read the mask {item.mask}: {_describe(exc)}") from None
         try:
-            job = prepare_inpaint(image, mask, **common)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                if task == "decloud":  # item.axes: T, C, Y, X as planned (_decloud_axes_for)
+                    axes = common.pop("axes")
+                    common.update(time_axis=axes.index("T"), channel_axis=axes.index("C") if "C" in axes else None)
+                    job = prepare_decloud(image, mask, **common)
+                else:
+                    job = prepare_inpaint(image, mask, **common)
         except ValueError as exc:
             raise ValueError(f"{exc} (mask {item.mask.name})") from None
+        for w in caught:  # e.g. pixels clouded on every date: one log line each
+            rep.log(f"{prefix} {item.src}: warning: {w.message}")
         del mask
     else:
         job = prepare_denoise(image, sigma=args.sigma, noise=args.noise, **common)
@@ -809,11 +886,12 @@ def _run_one(item: _Item, args, task, device, rep: _Reporter, prefix: str):
         target = f"{', '.join(p.name for p in written)} (missing gradient file(s); {item.out.name} kept)"
     item.reason = (f"{res.iteration} iterations in {elapsed:.1f} s on {device}, returned iteration "
                    f"{res.best_iteration} ({res.stop_reason}{extra})")
-    warmup = DEFAULTS[task]["options"].get("warmup", 0) if task == "inpaint" else 0
+    warmup = DEFAULTS[task]["options"].get("warmup", 0) if task in MASK_TASKS else 0
+    start = "temporal-fill" if task == "decloud" else "interpolated"
     if warmup and res.iteration <= warmup:
-        item.reason += f"; the budget ended within the {warmup}-iteration warm-up: the interpolated start was returned"
+        item.reason += f"; the budget ended within the {warmup}-iteration warm-up: the {start} start was returned"
     elif warmup and res.best_iteration <= warmup:
-        item.reason += "; the interpolated start was returned (no iterate beat it on the held-out pixels)"
+        item.reason += f"; the {start} start was returned (no iterate beat it on the held-out pixels)"
     if info.n_series > 1:
         item.reason += f"; only the first of the file's {info.n_series} series was restored"
     rep.log(f"{prefix} {item.src} -> {target}: done, {item.reason}")
@@ -856,7 +934,7 @@ def _run(args) -> int:
     mask_file = getattr(args, "mask", None)
     if mask_file is not None and not os.path.isfile(mask_file):
         raise _UsageError(f"--mask {mask_file}: no such file")
-    if task == "inpaint" and not mask_suffix:
+    if task in MASK_TASKS and not mask_suffix:
         raise _UsageError("--mask-suffix must not be empty")
     if args.output and args.output_dir:
         raise _UsageError("give either -o/--output (one input) or --output-dir, not both")

@@ -1,7 +1,7 @@
-"""The "Restore (NGR)" dock widget: inpainting and denoising of napari layers.
+"""The "Restore (NGR)" dock widget: inpainting, denoising and cloud removal of napari layers.
 
-The widget is a thin shell around :func:`napari_ngr.prepare_inpaint` /
-:func:`napari_ngr.prepare_denoise`: it drives the same :class:`~napari_ngr.RestorationJob` loop
+The widget is a thin shell around :func:`napari_ngr.prepare_inpaint`,
+:func:`napari_ngr.prepare_denoise` and :func:`napari_ngr.prepare_decloud`: it drives the same :class:`~napari_ngr.RestorationJob` loop
 as the library and the command line, in a :func:`napari.qt.threading.create_worker` generator
 so the viewer stays responsive.
 
@@ -68,7 +68,9 @@ def gradient_colormap():
         _GRADIENT_CMAP = Colormap(_GRADIENT_COLORS, name=GRADIENT_COLORMAP, display_name="NGR diverging")
     return _GRADIENT_CMAP
 _NONE = "(none)"
-_TASKS = ("inpaint", "denoise")
+_TASKS = ("inpaint", "denoise", "decloud")
+#: Tasks that need a mask layer (nonzero = missing / clouded) and hold out pixels for early stopping.
+_MASK_TASKS = ("inpaint", "decloud")
 
 
 def show_error(message: str) -> None:
@@ -175,6 +177,11 @@ def _restore_generator(task: str, image, mask, kwargs: dict, state: _RunState):
         arr = np.asarray(image)  # dask / zarr -> numpy; the layer's data is never written
         if task == "inpaint":
             job = napari_ngr.prepare_inpaint(arr, mask, **kwargs)
+        elif task == "decloud":
+            kw = dict(kwargs)
+            axes = kw.pop("axes")  # checked by RestoreWidget.run: it holds T
+            job = napari_ngr.prepare_decloud(arr, mask, time_axis=axes.index("T"),
+                                             channel_axis=axes.index("C") if "C" in axes else None, **kw)
         else:
             job = napari_ngr.prepare_denoise(arr, **kwargs)
     except Exception as exc:  # noqa: BLE001 - every failure must reach the user
@@ -261,7 +268,7 @@ class _LayerCombo(QComboBox):
 
 # --------------------------------------------------------------------------- the widget
 class RestoreWidget(QWidget):
-    """Dock widget: restore (inpaint or denoise) an image layer with the Neural Gradient Regularizer.
+    """Dock widget: restore (inpaint, denoise or decloud) an image layer with the Neural Gradient Regularizer.
 
     Parameters
     ----------
@@ -283,6 +290,11 @@ class RestoreWidget(QWidget):
     *Early stopping* (inpainting) on is the library default (held-out pixels choose the returned
     iterate, which may be the biharmonic start); off passes ``holdout=0``: the whole budget runs
     and the last iterate is returned.
+
+    *decloud* (:func:`napari_ngr.prepare_decloud`) restores the clouded pixels of a time series:
+    one axis role must be T (the dates; ``time_axis``), C is the band axis (``channel_axis``;
+    an RGB time series is ``TYXC``), and the mask (nonzero = clouded) is (T, Y, X) or the image's
+    shape. Its mask and early stopping work as for inpainting.
 
     Running again on the same input replaces the result layers of the previous run (see the
     module docstring); rename a result layer to keep it.
@@ -306,10 +318,14 @@ class RestoreWidget(QWidget):
         self.mask_combo = _LayerCombo(_is_mask, allow_none=True)
         self.mask_combo.setToolTip("Inpainting: a Labels (or boolean image) layer, nonzero = missing.\n"
                                    "Its shape: the image's, the image's without the channel axis, or (Y, X).\n"
+                                   "Cloud removal: the cloud and shadow mask, nonzero = clouded; its shape:\n"
+                                   "the image's without the channel axis (T, Y, X), or the image's.\n"
                                    "Ignored when denoising.")
         self.task_combo = QComboBox()
         self.task_combo.addItems(list(_TASKS))
-        self.task_combo.setToolTip("inpaint: fill the masked pixels; denoise: remove Gaussian noise.")
+        self.task_combo.setToolTip("inpaint: fill the masked pixels; denoise: remove Gaussian noise;\n"
+                                   "decloud: restore the clouded pixels (mask) of a time series (an axis set to T)\n"
+                                   "from its other dates.")
         self.axes_combo = QComboBox()
         self.axes_combo.setToolTip("Role of each axis of the image, in order: C channel (colour, band),\n"
                                    "Z depth or T time (the stack axis), Y and X. Gradients are regularized\n"
@@ -343,7 +359,7 @@ class RestoreWidget(QWidget):
         self.preview_spin.setToolTip("Update a preview layer every this many iterations (0 = off).")
         self.early_stop_check = QCheckBox("held-out pixels")
         self.early_stop_check.setToolTip(
-            "Inpainting only. On (library default): about 3 % of the observed pixels, in the mask's own\n"
+            "Inpainting and cloud removal only. On (library default): about 3 % of the observed pixels, in the mask's own\n"
             "pattern (line segments for dead lines, blobs for painted defects), are held out; the iterate\n"
             "that predicts them best is returned and the run stops when they stop improving (the\n"
             "biharmonic start is returned when no iterate beats it). Off: the whole budget runs and the\n"
@@ -552,9 +568,9 @@ class RestoreWidget(QWidget):
         self.mask_combo.set_value(None)
 
     def _on_task_changed(self, *_, save=True):
-        inpaint = self.task == "inpaint"
-        self.mask_combo.setEnabled(inpaint and not self.is_running)
-        self.early_stop_check.setEnabled(inpaint and not self.is_running)
+        masked = self.task in _MASK_TASKS
+        self.mask_combo.setEnabled(masked and not self.is_running)
+        self.early_stop_check.setEnabled(masked and not self.is_running)
         self._load_iterations()
         if save:
             self._save_settings()
@@ -598,24 +614,34 @@ class RestoreWidget(QWidget):
             return None
         task = self.task
         mask = None
-        if task == "inpaint":
+        if task == "decloud" and "T" not in (self.axes or ""):
+            show_error(f"Cloud removal needs a time axis: layer {image.name!r} has axes {self.axes!r}; "
+                       "set the role of its dates axis to T under Axes (e.g. TYX, TCYX or TYXC).")
+            return None
+        if task in _MASK_TASKS:
             mask_layer = self.mask_combo.value()
             if mask_layer is None or mask_layer not in self.viewer.layers:
-                show_error("Inpainting needs a mask: paint a Labels layer over the defects (nonzero = "
-                           "missing) and choose it as the mask, or choose the 'denoise' task.")
+                if task == "decloud":
+                    show_error("Cloud removal needs a cloud mask: paint a Labels layer over the clouds and their "
+                               "shadows (nonzero = clouded; shape (T, Y, X)) and choose it as the mask.")
+                else:
+                    show_error("Inpainting needs a mask: paint a Labels layer over the defects (nonzero = "
+                               "missing) and choose it as the mask, or choose the 'denoise' task.")
                 return None
             if not _is_mask(mask_layer):
                 show_error(f"Layer {mask_layer.name!r} cannot be a mask: use a Labels or boolean image layer.")
                 return None
             mask = np.asarray(mask_layer.data) != 0  # a copy: painting during the run does not race
         self._save_settings()
-        d = napari_ngr.DEFAULTS[task]
+        axes = self.axes or ""
+        n_channels = _layer_shape(image)[axes.index("C")] if "C" in axes else 1
+        d = napari_ngr.default_weights(task, n_channels)
         s = float(self.strength_spin.value())
         params = dict(axes=self.axes, iterations=int(self.iterations_spin.value()),
                       spatial_weight=d["spatial_weight"] * s, channel_weight=d["channel_weight"] * s,
                       stack_weight=d["stack_weight"] * s, seed=int(self.seed_spin.value()),
                       device=self.device, preview_every=int(self.preview_spin.value()))
-        if task == "inpaint" and not self.early_stop_check.isChecked():
+        if task in _MASK_TASKS and not self.early_stop_check.isChecked():
             params["holdout"] = 0.0  # no validation: run the budget, return the last iterate
         rgb = bool(image.rgb)
         state = _RunState(image.name, task, dict(params, strength=s), _layer_kwargs(image), rgb)
@@ -808,8 +834,8 @@ class RestoreWidget(QWidget):
         for w in (self.image_combo, self.task_combo, self.axes_combo, self.iterations_spin,
                   self.strength_spin, self.device_combo, self.seed_spin, self.preview_spin):
             w.setEnabled(True)
-        self.mask_combo.setEnabled(self.task == "inpaint")
-        self.early_stop_check.setEnabled(self.task == "inpaint")
+        self.mask_combo.setEnabled(self.task in _MASK_TASKS)
+        self.early_stop_check.setEnabled(self.task in _MASK_TASKS)
         self.run_button.setText("Run")
         self.run_button.setEnabled(True)
         if text is not None:
