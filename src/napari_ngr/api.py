@@ -355,7 +355,8 @@ def inpaint(image, mask, *, channel_axis=None, axes=None, iterations=None, spati
     (see :meth:`napari_ngr.operators.Inpainting.holdout`), are held back from the data term;
     every 10 iterations their reconstruction error is measured, the iterate with the lowest error
     is returned (all observed entries re-inserted), and after ``min_iterations`` (250) the loop
-    stops once 15 checks in a row bring no improvement. If no iterate beats the start
+    stops once 15 checks in a row bring no improvement, provided an iterate has beaten the start
+    (otherwise the whole budget runs). If no iterate beats the start
     (per-plane biharmonic interpolation) on the held-out entries, the start is returned.
     ``result.best_iteration`` (from :func:`prepare_inpaint`) reports the iteration chosen.
     """

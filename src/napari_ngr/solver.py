@@ -67,6 +67,7 @@ class SolverOptions:
     ema: float = 0.0
     tol: float = 0.0
     min_iterations: int = 0
+    start_margin: float = 0.02  # relative held-out error gain an iterate needs to replace the start
     final_weight: float = 1.0  # fused data terms: data-weight multiplier of the final re-solve
     seed: int = 0
 
@@ -239,10 +240,18 @@ class Restoration:
                 if k % opt.check_every == 0 or k == total:
                     err = (current - self.full_operator.y)[self.held]
                     val = float(torch.mean(err * err))
-                    if val < st.best_score:
+                    need = st.best_score
+                    if st.best_iteration <= opt.warmup < k:
+                        # The start is the best so far: an NGR iterate must beat it by a margin, not
+                        # by the sampling noise of the held-out error.
+                        need = st.best_score * (1.0 - opt.start_margin)
+                    if val < need:
                         st.best_score, st.best_iteration = val, k
                         st.best = current.detach().clone()
-                    elif (k - st.best_iteration) >= opt.patience * opt.check_every and k >= opt.min_iterations:
+                    elif ((k - st.best_iteration) >= opt.patience * opt.check_every and k >= opt.min_iterations
+                          and st.best_iteration > opt.warmup):
+                        # Stop early only once an NGR iterate has beaten the start: the held-out
+                        # error often rises for a while before it falls below the start's.
                         stop = True
                         st.stop_reason = "validation error stopped improving"
             else:
