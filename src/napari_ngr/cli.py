@@ -271,7 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="noise standard deviation in the input's units (default: estimated per file)")
     g_noise.add_argument(
         "--noise", choices=("gaussian", "mixed"), default="gaussian",
-        help="gaussian (default), or mixed: Gaussian plus impulse (salt-and-pepper) noise")
+        help="gaussian (default), or mixed: Gaussian (its own level per band) plus impulses "
+             "(salt-and-pepper), stripes and dead lines, as in hyperspectral data")
+    g_noise.add_argument(
+        "--no-destripe", dest="destripe", action="store_false",
+        help="with --noise mixed: do not look for stripes and dead lines (keeps genuine column-wide structure)")
 
     return parser
 
@@ -841,7 +845,7 @@ def _run_one(item: _Item, args, task, device, rep: _Reporter, prefix: str):
             rep.log(f"{prefix} {item.src}: warning: {w.message}")
         del mask
     else:
-        job = prepare_denoise(image, sigma=args.sigma, noise=args.noise, **common)
+        job = prepare_denoise(image, sigma=args.sigma, noise=args.noise, destripe=args.destripe, **common)
     t0 = time.perf_counter()
     bar = None
     if rep.bars:
