@@ -308,10 +308,10 @@ def test_final_reweight_is_the_same_solve_with_another_data_weight(rgb48):
     g = torch.randn(r.shape, generator=torch.Generator().manual_seed(0))
     w = r.operator.fused_weight
     x = r.grad.solve(g + w * r.operator.y, w)
-    x2 = r._reweight(x, w, 0.5 * w)
+    x2 = r.grad.change_data_weight(x, r.operator.y, w, 0.5 * w)
     ref = r.grad.solve(g + 0.5 * w * r.operator.y, 0.5 * w)
     assert torch.allclose(x2, ref, atol=1e-4)
-    assert torch.allclose(r._reweight(x, w, w), x, atol=1e-4)
+    assert torch.allclose(r.grad.change_data_weight(x, r.operator.y, w, w), x, atol=1e-4)
     assert job._r.opt.final_weight == napari_ngr.DEFAULTS["denoise"]["options"]["final_weight"] < 1
     stack = napari_ngr.prepare_denoise(np.stack([noisy[..., 0]] * 3), iterations=1)
     assert stack._r.opt.final_weight == 1.0  # stacks keep the full data weight

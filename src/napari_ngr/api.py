@@ -11,7 +11,7 @@ import torch
 
 from ._device import resolve_device
 from ._layout import Layout, resolve_layout
-from .operators import Denoising, Inpainting, MixedNoise, Operator
+from .operators import Denoising, Inpainting, MixedNoise, Operator, plane_sigmas
 from .solver import Progress, Restoration, SolverOptions
 
 __all__ = ["inpaint", "denoise", "decloud", "prepare_inpaint", "prepare_denoise", "prepare_decloud", "RestorationJob",
@@ -138,14 +138,14 @@ class RestorationJob:
     >>> result = job.result()                                      # doctest: +SKIP
     """
 
-    def __init__(self, restoration: Restoration, layout: Layout, scaler: _Scaler, *, sigma=None):
+    def __init__(self, restoration: Restoration, layout: Layout, scaler: _Scaler, *, sigma=None, keep=None):
         self._r = restoration
         self.layout = layout
         self.scaler = scaler
         self.sigma = sigma
         self._cancelled = False
         #: ``(observed, image)`` in the user's layout: observed entries re-inserted exactly by :meth:`result`.
-        self.keep = None
+        self.keep = keep
         self._r.to_user = self._to_user
 
     # progress --------------------------------------------------------------------------
@@ -190,10 +190,11 @@ class RestorationJob:
         """The restored image and gradient maps (the best estimate so far if cancelled)."""
         r = self._r
         with torch.no_grad():
-            image = self._to_user(r.estimate())
+            est = r.estimate()
+            image = self._to_user(est)
             if self.keep is not None:  # exactly the input's values (no round trip through [0, 1])
                 image = np.where(self.keep[0], self.keep[1], image).astype(np.float32)
-            grads = {k: self._to_user(v, offset=False) for k, v in r.gradients().items()}
+            grads = {k: self._to_user(v, offset=False) for k, v in r.gradients(est).items()}
         reason = "cancelled" if self._cancelled else r.state.stop_reason
         return RestorationResult(image, grads, r.state.iteration, r.state.best_iteration, reason,
                                  self.sigma, list(r.state.history))
@@ -292,9 +293,7 @@ def _prepare_missing(task, a, layout, m, *, iterations, spatial_weight, channel_
                                                          layout.internal_shape[1]))
     op = Inpainting(torch.from_numpy(y).to(dev), torch.from_numpy(~missing).to(dev), start=start)
     r = Restoration(op, weights, opt, device=dev, preview_every=preview_every)
-    job = RestorationJob(r, layout, scaler)
-    job.keep = (layout.to_user(~missing), a)
-    return job
+    return RestorationJob(r, layout, scaler, keep=(layout.to_user(~missing), a))
 
 
 def inpaint(image, mask, *, channel_axis=None, axes=None, iterations=None, spatial_weight=None,
@@ -400,9 +399,12 @@ def prepare_decloud(stack, cloud_mask, *, time_axis=0, channel_axis=None, iterat
     a = _check_image(stack, finite=False)  # NaN/inf allowed where the mask marks entries clouded
     layout = _decloud_layout(a.shape, time_axis, channel_axis)
     m = _check_mask(cloud_mask, "cloud_mask")
-    fits = [layout.shape] + ([layout.shape[:layout.axes.index("C")] + layout.shape[layout.axes.index("C") + 1:]]
-                             if "C" in layout.axes else [])
-    if m.shape not in fits:
+    sub = layout.mask_layout(m.shape)
+    if sub is None or "T" not in sub.axes:  # the image's shape, or without its band axis; not (Y, X)
+        fits = [layout.shape]
+        if "C" in layout.axes:
+            ci = layout.axes.index("C")
+            fits.append(layout.shape[:ci] + layout.shape[ci + 1:])
         raise ValueError(f"cloud_mask of shape {m.shape} does not fit the stack of shape {layout.shape} (axes "
                          f"{layout.axes}): give {' or '.join(map(str, fits[::-1]))}")
     job = _prepare_missing("decloud", a, layout, m, iterations=iterations, spatial_weight=spatial_weight,
@@ -491,13 +493,12 @@ def decloud(stack, cloud_mask, *, time_axis=0, channel_axis=None, iterations=Non
     res = job.run(callback)
     return (res.image, res.gradients) if return_gradients else res.image
 
-def _estimate_sigma_normalized(y: np.ndarray) -> float:
-    """Median over planes of :func:`skimage.restoration.estimate_sigma` (wavelet MAD)."""
-    from skimage.restoration import estimate_sigma
 
-    planes = y.reshape(-1, *y.shape[-2:])
+def _estimate_sigma_normalized(y: np.ndarray) -> float:
+    """Median over (up to 16) planes of :func:`~napari_ngr.operators.plane_sigmas` (wavelet MAD)."""
+    planes = y.reshape(-1, 1, *y.shape[-2:])
     idx = np.linspace(0, len(planes) - 1, min(len(planes), 16)).round().astype(int)
-    return float(np.median([estimate_sigma(planes[i].astype(np.float64)) for i in idx]))
+    return float(np.median(plane_sigmas(planes[idx])))
 
 
 def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="gaussian", iterations=None,

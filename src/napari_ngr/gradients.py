@@ -81,6 +81,15 @@ class GradientSolver:
         """Return ``(mu + L)^{-1} b``; ``mu`` is a scalar or a tensor broadcastable in DCT space."""
         return idctn(dctn(b, self.dims) / (mu + self._eig), self.dims)
 
+    def change_data_weight(self, x: torch.Tensor, y: torch.Tensor, w, w_new) -> torch.Tensor:
+        """Given ``x = (w + L)^-1 (w y + g)``, return ``(w_new + L)^-1 (w_new y + g)`` without ``g``.
+
+        ``g = (w + L) x - w y`` is recovered in the DCT basis, so the same gradient term is solved
+        with another data weight (one DCT of ``x`` and ``y``, one inverse).
+        """
+        spec = dctn(x, self.dims) * (w + self._eig) + (w_new - w) * dctn(y, self.dims)
+        return idctn(spec / (w_new + self._eig), self.dims)
+
     def divergence_term(self, fields: Mapping[int, torch.Tensor]) -> torch.Tensor:
         """``sum_i w_i D_i^T f_i`` for the gradient fields ``{dim: f_i}``."""
         out = None

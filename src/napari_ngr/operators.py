@@ -332,8 +332,8 @@ def plane_sigmas(y: np.ndarray) -> np.ndarray:
     from skimage.restoration import estimate_sigma
 
     S, C = y.shape[:2]
-    flat = y.reshape(S * C, *y.shape[2:]).astype(np.float64)
-    return np.array([estimate_sigma(p) for p in flat], dtype=np.float64).reshape(S, C)
+    flat = y.reshape(S * C, *y.shape[2:])
+    return np.array([estimate_sigma(p.astype(np.float64)) for p in flat], dtype=np.float64).reshape(S, C)
 
 
 class MixedNoise(Operator):

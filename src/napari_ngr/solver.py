@@ -286,26 +286,18 @@ class Restoration:
         best = st.best if st.best is not None else self.x
         op = self.operator
         if op.fused_weight is not None and self.opt.final_weight != 1.0 and st.iteration > 0:
-            best = self._reweight(best, op.fused_weight, op.fused_weight * float(self.opt.final_weight))
+            # Every X-update is linear, x = (w + L)^-1 (w y + g) with g = sum_i lambda_i D_i^T f_i,
+            # so an average of iterates is one solve with the averaged network fields: re-solve it
+            # with a weaker pull towards the noisy data (SolverOptions.final_weight).
+            w = op.fused_weight
+            best = self.grad.change_data_weight(best, op.y, w, w * float(self.opt.final_weight))
         return self.full_operator.compose(best)
 
-    def _reweight(self, x: torch.Tensor, w: float, w_new: float) -> torch.Tensor:
-        """Re-solve the last X-update with data weight ``w_new`` instead of ``w``.
-
-        Every X-update is linear: ``x = (w + L)^-1 (w y + g)`` with ``g = sum_i lambda_i D_i^T f_i``,
-        so an average of iterates is the same solve with the averaged network fields. Recover
-        ``g = (w + L) x - w y`` and solve ``(w_new + L) x' = w_new y + g``: the network's averaged
-        gradients with a weaker pull towards the noisy data (``SolverOptions.final_weight``).
-        """
-        from ._dct import dctn, idctn
-
-        dims, eig, y = self.grad.dims, self.grad._eig, self.operator.y
-        spec = dctn(x, dims) * (w + eig) + (w_new - w) * dctn(y, dims)
-        return idctn(spec / (w_new + eig), dims)
-
-    def gradients(self) -> dict:
-        """Gradient maps of the returned estimate along each regularized axis (Neumann forward differences)."""
-        est = self.estimate()
+    def gradients(self, est: torch.Tensor | None = None) -> dict:
+        """Gradient maps of ``est`` (default: the returned estimate) along each regularized axis
+        (Neumann forward differences)."""
+        if est is None:
+            est = self.estimate()
         return {name: forward_difference(est, dim) for name, dim in self.dims.items()}
 
     def network_gradients(self) -> dict:
