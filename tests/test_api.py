@@ -315,3 +315,32 @@ def test_final_reweight_is_the_same_solve_with_another_data_weight(rgb48):
     assert job._r.opt.final_weight == napari_ngr.DEFAULTS["denoise"]["options"]["final_weight"] < 1
     stack = napari_ngr.prepare_denoise(np.stack([noisy[..., 0]] * 3), iterations=1)
     assert stack._r.opt.final_weight == 1.0  # stacks keep the full data weight
+
+
+def test_patience_tol_counts_only_real_progress(gray48):
+    """With ``patience_tol`` the patience counts from the last held-out gain of that size, so the
+    loop stops earlier; the returned iterate is still the best held-out one."""
+    missing = np.random.default_rng(5).random(gray48.shape) < 0.5
+    img = np.where(missing, 0.0, gray48)
+    kw = dict(iterations=150, min_iterations=0, warmup=0, check_every=5, patience=3, start_margin=0.0,
+              holdout=0.1)
+    runs = {}
+    for tol in (0.0, 0.3):
+        res = napari_ngr.prepare_inpaint(img, missing, patience_tol=tol, **kw).run()
+        vals = [(h["iteration"], h["validation"]) for h in res.history if h["validation"] is not None]
+        best_it, _ = min(vals, key=lambda v: v[1])
+        assert res.best_iteration == best_it
+        runs[tol] = res
+    assert runs[0.3].stop_reason == "validation error stopped improving"
+    assert runs[0.3].iteration < runs[0.0].iteration
+    assert psnr(gray48, runs[0.3].image) > psnr(gray48, img) + 10
+
+
+def test_network_modes_are_checked(gray48):
+    with pytest.raises(ValueError, match="pad_mode"):
+        napari_ngr.denoise(gray48, iterations=2, pad_mode="mirror")
+    with pytest.raises(ValueError, match="upsample"):
+        napari_ngr.denoise(gray48, iterations=2, upsample="cubic")
+    a = napari_ngr.denoise(gray48, iterations=3, pad_mode="reflect", upsample="bilinear")
+    b = napari_ngr.denoise(gray48, iterations=3)
+    assert a.shape == b.shape == gray48.shape and not np.array_equal(a, b)

@@ -60,10 +60,13 @@ class SolverOptions:
     guide_refresh: int = 0
     warmup: int = 0
     shared_trunk: bool = True
+    pad_mode: str = "zeros"  # convolution padding: "zeros" (fused, fast) or "reflect"
+    upsample: str = "nearest"  # decoder upsampling: "nearest" (as the reference code) or "bilinear"
     weight_decay: float = 0.0
     holdout: float = 0.03
     check_every: int = 10
     patience: int = 6
+    patience_tol: float = 0.0  # held-out error gain (relative) that counts as progress for patience
     ema: float = 0.0
     tol: float = 0.0
     min_iterations: int = 0
@@ -97,6 +100,8 @@ class _State:
     best: torch.Tensor | None = None
     best_iteration: int = 0
     best_score: float = math.inf
+    anchor_score: float = math.inf  # held-out error at the last real progress (patience_tol)
+    anchor_iteration: int = 0
     iteration: int = 0
     stop_reason: str = "not started"
     history: list = field(default_factory=list)
@@ -149,7 +154,8 @@ class Restoration:
         levels = max(0, min(options.levels, int(math.log2(min(H, W))) - 2))  # coarsest map >= 2 px
         net_cls = GradientNet if options.shared_trunk else SeparateGradientNets
         self.net = net_cls(n_in, planes, len(self.axes), channels=options.channels,
-                           levels=levels, skip_channels=options.skip_channels).to(self.device)
+                           levels=levels, skip_channels=options.skip_channels,
+                           pad_mode=options.pad_mode, upsample=options.upsample).to(self.device)
         self.z = (0.1 * torch.rand((1, options.input_channels, H, W), generator=self._gen)).to(self.device)
         self.z_code = self.z
         if options.guide > 0:
@@ -248,8 +254,10 @@ class Restoration:
                     if val < need:
                         st.best_score, st.best_iteration = val, k
                         st.best = current.detach().clone()
-                    elif ((k - st.best_iteration) >= opt.patience * opt.check_every and k >= opt.min_iterations
-                          and st.best_iteration > opt.warmup):
+                        if val < st.anchor_score * (1.0 - opt.patience_tol) or st.anchor_iteration <= opt.warmup:
+                            st.anchor_score, st.anchor_iteration = val, k
+                    if ((k - st.anchor_iteration) >= opt.patience * opt.check_every and k >= opt.min_iterations
+                            and st.best_iteration > opt.warmup):
                         # Stop early only once an NGR iterate has beaten the start: the held-out
                         # error often rises for a while before it falls below the start's.
                         stop = True
