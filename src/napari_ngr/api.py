@@ -48,9 +48,10 @@ DEFAULTS = {
     # the full weight (``stack_final_weight``).
     # ``guide``: the network's input carries the current estimate smoothed by a Gaussian of this
     # many pixels (refreshed every ``guide_refresh`` iterations). 1.0 rather than 0.6: measured on
-    # 8 images (4 grayscale, 4 RGB) at sigma 0.1 and 2 images at sigma 0.05 and 0.2 it gains on 10
-    # of 13 cases (moon +1.6, camera +0.6, chelsea +0.6 dB; 13 cases +3.5 dB in all) and loses on
-    # fine texture (grass -0.8) and the astronaut (-0.4): with 0.6 the network could copy the noise.
+    # 8 photos (5 grayscale, 3 RGB) and the camera-pan video at sigma 0.1, and 2 photos at sigma 0.05
+    # and 0.2, it gains on 10 of 13 cases (moon +1.6, camera +0.6, chelsea +0.6 dB; +3.9 dB in all)
+    # and loses on fine texture (grass -0.8), the astronaut (-0.4) and the video (-0.1): with 0.6
+    # the network could copy the noise through its input.
     "denoise": dict(iterations=250, spatial_weight=1.0, channel_weight=0.5, stack_weight=0.5, band_weight=2.0,
                     options=dict(ema=0.9, holdout=0.0, guide=1.0, guide_refresh=25, data_weight=0.01,
                                  final_weight=0.5, stack_final_weight=1.0)),

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 __all__ = ["GradientNet", "SeparateGradientNets"]
 
 
-def _block(cin: int, cout: int, k: int = 3, stride: int = 1, pad_mode: str = "reflect") -> nn.Sequential:
+def _block(cin: int, cout: int, k: int = 3, stride: int = 1, pad_mode: str = "zeros") -> nn.Sequential:
     pad = (k - 1) // 2
     layers = []
     if pad and pad_mode == "reflect":
