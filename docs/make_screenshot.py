@@ -8,7 +8,7 @@ saves the whole window.
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshot.py [OUT.png] [--iterations N]
 
-(Headless: under Xvfb, never with ``QT_QPA_PLATFORM=offscreen``.)
+(Headless: under Xvfb, never on the offscreen Qt platform.)
 """
 
 import argparse

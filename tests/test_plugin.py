@@ -30,7 +30,7 @@ def _gui_missing():
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         return "no display: run under xvfb-run"
     if os.environ.get("QT_QPA_PLATFORM", "") == "offscreen":
-        return "napari cannot draw layers with QT_QPA_PLATFORM=offscreen; use Xvfb"
+        return "napari cannot draw layers on the offscreen Qt platform; use Xvfb"
     return None
 
 

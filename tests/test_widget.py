@@ -1,7 +1,7 @@
 """The Restore dock widget in a real napari viewer (pytest-qt + ``make_napari_viewer``).
 
 Run under a display; headless: ``xvfb-run -a -s "-screen 0 1600x1000x24" python -m pytest -q``.
-Never with ``QT_QPA_PLATFORM=offscreen`` (napari cannot draw layers there). Skipped cleanly when
+Never on the offscreen Qt platform (napari cannot draw layers there). Skipped cleanly when
 napari, a Qt binding, pytest-qt or a display is missing. Small data (48 px), few iterations.
 """
 
@@ -19,7 +19,7 @@ pytest.importorskip("pytestqt", reason="pytest-qt is not installed")
 if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
     pytest.skip("no display: run under xvfb-run", allow_module_level=True)
 if os.environ.get("QT_QPA_PLATFORM", "") == "offscreen":
-    pytest.skip("napari cannot draw layers with QT_QPA_PLATFORM=offscreen; use Xvfb", allow_module_level=True)
+    pytest.skip("napari cannot draw layers on the offscreen Qt platform; use Xvfb", allow_module_level=True)
 
 from qtpy.QtCore import Qt  # noqa: E402
 

@@ -309,7 +309,7 @@ def estimate_stripes(y: np.ndarray, exclude: np.ndarray | None = None, *, width:
 
     work = y.astype(np.float32, copy=True)
     if exclude is not None and exclude.any():
-        work = np.where(exclude, ndimage.median_filter(work, size=(1, 1, 3, 3), mode="reflect"), work)
+        work = np.where(exclude, median3(work), work)
     stripes = np.zeros_like(work)
     for _ in range(passes):
         for line_axis, along in ((3, 2), (2, 3)):
