@@ -649,11 +649,10 @@ class RestoreWidget(QWidget):
 
         worker = create_worker(_restore_generator, task, image.data, mask, params, state,
                                _start_thread=False, _ignore_errors=True)
-        worker.yielded.connect(self._on_yielded)
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_errored)
-        worker.aborted.connect(self._on_aborted)
-        worker.finished.connect(self._on_finished)
+        for signal, handler in ((worker.yielded, self._on_yielded), (worker.returned, self._on_returned),
+                                (worker.errored, self._on_errored), (worker.aborted, self._on_aborted),
+                                (worker.finished, self._on_finished)):
+            signal.connect(self._only_from(worker, handler))
         self.worker, self._state = worker, state
         self._set_running(f"Preparing {task} of {image.name!r} on {self.device}…")
         from napari.utils import progress
@@ -673,6 +672,17 @@ class RestoreWidget(QWidget):
         self.status_label.setText("Cancelling at the next iteration…")
 
     # ------------------------------------------------------------------ worker signals
+    def _only_from(self, worker, handler):
+        """``handler``, called only while ``worker`` is this widget's current worker: a cancelled
+        run's thread can deliver its last signals (e.g. ``finished``) after a new run has started,
+        and they must not end the new run."""
+
+        def call(*args):
+            if self.worker is worker:
+                handler(*args)
+
+        return call
+
     def _on_yielded(self, msg):
         # napari's progress bar calls QApplication.processEvents() when it changes, so the run
         # may end (returned/aborted handled) inside any pbar call: the bar is updated last, and
