@@ -344,3 +344,23 @@ def test_network_modes_are_checked(gray48):
     a = napari_ngr.denoise(gray48, iterations=3, pad_mode="reflect", upsample="bilinear")
     b = napari_ngr.denoise(gray48, iterations=3)
     assert a.shape == b.shape == gray48.shape and not np.array_equal(a, b)
+
+
+def test_denoise_stops_by_the_discrepancy_principle(gray48):
+    """Gaussian denoising stops once the residual has the noise's variance (no ground truth),
+    long before a budget whose end has fitted the noise; ``discrepancy=0`` runs the budget."""
+    from scipy import ndimage
+
+    img = ndimage.gaussian_filter(gray48, 2)
+    noisy = img + 0.1 * np.random.default_rng(0).standard_normal(img.shape)
+    res = napari_ngr.prepare_denoise(noisy, iterations=300).run()
+    assert "discrepancy" in res.stop_reason
+    assert 20 <= res.iteration < 150
+    ratios = [h["discrepancy"] for h in res.history]
+    assert all(r is not None for r in ratios) and ratios[-1] <= 1.0 < ratios[-2]
+    full = napari_ngr.prepare_denoise(noisy, iterations=300, discrepancy=0).run()
+    assert full.iteration == 300 and full.stop_reason == "iteration budget reached"
+    assert psnr(img, res.image) > psnr(img, noisy) + 8
+    assert psnr(img, res.image) > psnr(img, full.image) + 3
+    mixed = napari_ngr.prepare_denoise(noisy, noise="mixed", iterations=30).run()
+    assert mixed.iteration == 30 and mixed.history[-1]["discrepancy"] is None

@@ -136,3 +136,25 @@ def test_find_dead_lines_ignores_constant_background(cube):
     assert dead[2][:, 17].all()
     assert dead.sum() == dead[2][:, 17].sum() + dead[5][:, 3].sum()  # only the column next to live data
     assert not dead[5][:, :3].any()
+
+
+@pytest.mark.parametrize("w", [0.3, 1.0, 4.0])
+def test_residual_factor_is_the_residual_variance_exact_gradients_leave(w):
+    """The discrepancy rule's reference: with exact gradients of the clean image ``g``,
+    ``x = (w + L)^-1 (w y + L g)`` leaves ``E||y - x||^2 = N sigma^2 residual_factor(w)``."""
+    shape = (1, 3, 40, 36)
+    weights = {1: 0.5, 2: 1.0, 3: 1.0}
+    solver = GradientSolver(shape, weights, dtype=torch.float64)
+    rng = np.random.default_rng(3)
+    g = torch.from_numpy(rng.random(shape))
+    lg = solver.divergence_term({d: forward_difference(g, d) for d in weights})  # L g
+    sigma = 0.1
+    ratios = []
+    for _ in range(20):
+        y = g + sigma * torch.from_numpy(rng.standard_normal(shape))
+        x = solver.solve(w * y + lg, w)
+        ratios.append(float(torch.mean((y - x) ** 2)) / sigma**2)
+    factor = solver.residual_factor(w)
+    assert 0.0 < factor < 1.0
+    assert abs(np.mean(ratios) / factor - 1.0) < 0.03
+    assert solver.residual_factor(10 * w) < factor  # a stronger data term keeps more noise in x

@@ -221,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="axis of the dates (default: the T of --axes or of the file's axes, else 0)")
         sol = p.add_argument_group("restoration")
         sol.add_argument("--iterations", type=_positive_int, metavar="N",
-                         help=f"iteration budget (default {d['iterations']})")
+                         help=f"iteration budget (default {d['iterations']}"
+                              + (f"; {d['mixed_iterations']} with --noise mixed" if "mixed_iterations" in d else "")
+                              + ")")
         sol.add_argument("--spatial-weight", type=_float_ge0, metavar="W",
                          help=f"weight of the Y/X gradients (default {d['spatial_weight']})")
         sol.add_argument("--channel-weight", type=_float_ge0, metavar="W",

@@ -81,6 +81,17 @@ class GradientSolver:
         """Return ``(mu + L)^{-1} b``; ``mu`` is a scalar or a tensor broadcastable in DCT space."""
         return idctn(dctn(b, self.dims) / (mu + self._eig), self.dims)
 
+    def residual_factor(self, w: float) -> float:
+        """``E||y - x||^2 / (N sigma^2)`` for ``x = (w + L)^-1 (w y + L g)``, ``y = g + n``, white ``n``.
+
+        The X-update leaves this much of the noise in the residual ``y - x`` when the gradient
+        term is exact (``D_i^T f_i`` built from the clean image ``g``): the mean over the DCT
+        basis of ``(lambda / (w + lambda))^2``. The denoising stop rule (the discrepancy principle,
+        ``SolverOptions.discrepancy``) compares the measured residual with it.
+        """
+        lam = torch.broadcast_to(self._eig, self.shape).double()
+        return float(torch.mean((lam / (float(w) + lam)) ** 2))
+
     def change_data_weight(self, x: torch.Tensor, y: torch.Tensor, w, w_new) -> torch.Tensor:
         """Given ``x = (w + L)^-1 (w y + g)``, return ``(w_new + L)^-1 (w_new y + g)`` without ``g``.
 

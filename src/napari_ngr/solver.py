@@ -23,8 +23,12 @@ No ground truth is used anywhere. Which iterate is returned (see :class:`Restora
   and used as a validation set. Every ``check_every`` iterations the validation error of ``x`` is
   measured; the iterate with the lowest error is kept, and the loop stops early after
   ``patience`` checks without improvement. The returned image re-inserts *all* observed entries.
-* denoising: an exponential moving average of the iterates (as in the reference code) over a
-  fixed budget; the loop also stops when the relative change of the average falls under ``tol``.
+* denoising: an exponential moving average of the iterates (as in the reference code). The loop
+  stops by the *discrepancy principle* (``discrepancy``): the network learns fine detail last, so
+  the residual ``y - x`` shrinks as the iterations go on; once its variance falls to what exact
+  gradients would leave (``sigma^2`` times :meth:`~napari_ngr.gradients.GradientSolver.residual_factor`),
+  further iterations fit noise. Otherwise the budget ends it, or (``tol``) the relative change of
+  the average falling under ``tol``.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class SolverOptions:
     patience_tol: float = 0.0  # held-out error gain (relative) that counts as progress for patience
     ema: float = 0.0
     tol: float = 0.0
+    discrepancy: float = 0.0  # fused data terms: stop when residual / expected residual <= this (0: off)
     min_iterations: int = 0
     start_margin: float = 0.02  # relative held-out error gain an iterate needs to replace the start
     final_weight: float = 1.0  # fused data terms: data-weight multiplier of the final re-solve
@@ -88,6 +93,7 @@ class Progress:
     best_iteration: int
     elapsed: float
     preview: np.ndarray | None = None
+    discrepancy: float | None = None  # denoising: residual variance / the variance exact gradients leave
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -167,6 +173,10 @@ class Restoration:
         self._warm = 0
         self._full_start = None
         self.fields = {name: forward_difference(self.x, dim) for name, dim in self.dims.items()}
+        self._disc_scale = None  # expected mean squared residual y - x with exact gradients
+        op = self.operator
+        if options.discrepancy > 0 and op.fused_weight is not None and getattr(op, "sigma", None):
+            self._disc_scale = op.sigma ** 2 * self.grad.residual_factor(op.fused_weight)
 
     def _guide(self, x: torch.Tensor) -> torch.Tensor:
         from scipy import ndimage
@@ -241,6 +251,7 @@ class Restoration:
             else:
                 current = self.x
             val = None
+            disc = None
             stop = False
             if self.held is not None:
                 if k % opt.check_every == 0 or k == total:
@@ -264,10 +275,16 @@ class Restoration:
                         st.stop_reason = "validation error stopped improving"
             else:
                 st.best, st.best_iteration = current.detach(), k
-                if opt.tol > 0 and k >= opt.min_iterations and change < opt.tol:
+                if self._disc_scale is not None:
+                    disc = float(torch.mean((self.operator.y - current) ** 2)) / self._disc_scale
+                    if k >= opt.min_iterations and disc <= opt.discrepancy:
+                        stop = True
+                        st.stop_reason = "residual reached the noise level (discrepancy principle)"
+                if not stop and opt.tol > 0 and k >= opt.min_iterations and change < opt.tol:
                     stop = True
                     st.stop_reason = f"relative change below tol={opt.tol:g}"
-            rec = Progress(k, total, loss, primal, change, val, st.best_iteration, time.perf_counter() - t0)
+            rec = Progress(k, total, loss, primal, change, val, st.best_iteration, time.perf_counter() - t0,
+                           discrepancy=disc)
             st.history.append(rec.as_dict())
             if self.preview_every and (k % self.preview_every == 0 or k == total or stop):
                 rec.preview = self.to_user(self.full_operator.compose(current))
