@@ -22,7 +22,8 @@ def run(img, gt, kw, shared):
     kw = dict(kw)
     mask = kw.pop("mask", None)
     if mask is None:
-        job = napari_ngr.prepare_denoise(img, sigma=0.1, shared_trunk=shared, **kw)
+        # a fixed budget (the former default), not the discrepancy stop: the same iterations for both
+        job = napari_ngr.prepare_denoise(img, sigma=0.1, shared_trunk=shared, iterations=250, discrepancy=0, **kw)
     else:
         job = napari_ngr.prepare_inpaint(img, mask, shared_trunk=shared, **kw)
     params = sum(p.numel() for p in job._r.net.parameters())

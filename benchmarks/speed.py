@@ -87,14 +87,16 @@ def main(argv=None):
     for task, name in (("inpaint", "astronaut 256² RGB, 10 % observed"), ("denoise", "astronaut 256² RGB, sigma 0.1")):
         spi, it, tot, mem, p = measure(task, args.device)
         print(f"| {name} | napari-ngr defaults | {spi:.3f} | {it} | {tot:.1f} | {mem:.0f} | {p:.2f} |")
+        if task == "denoise":  # the budget that fits 30 s on 2 cores, instead of the discrepancy stop
+            spi, it, tot, mem, p = measure(task, args.device, iterations=250)
+            print(f"| {name} | napari-ngr, iterations=250 | {spi:.3f} | {it} | {tot:.1f} | {mem:.0f} | {p:.2f} |")
         spi, it, tot, mem, p = measure(task, args.device, iterations=args.ref_iterations, **REFERENCE)
         est = spi * REF_ITERS[task]
         print(f"| {name} | reference mirror (3 nets x 128 ch) | {spi:.3f} | {REF_ITERS[task]} (timed {it}) "
               f"| {est:.0f} (projected) | {mem:.0f} | - |")
-    for task, name, budget in (("hsi-inpaint", "HSI 200 bands 256², 10 % observed", "inpaint"),
-                               ("hsi-denoise", "HSI 200 bands 256², mixed noise", "denoise")):
+    for task, name, n in (("hsi-inpaint", "HSI 200 bands 256², 10 % observed", napari_ngr.DEFAULTS["inpaint"]["iterations"]),
+                          ("hsi-denoise", "HSI 200 bands 256², mixed noise", napari_ngr.DEFAULTS["denoise"]["mixed_iterations"])):
         spi, it, tot, mem, p = measure(task, args.device, iterations=args.band_iterations)
-        n = napari_ngr.DEFAULTS[budget]["iterations"]
         print(f"| {name} | napari-ngr defaults | {spi:.3f} | {n} (timed {it}) | {spi * n:.0f} (projected) "
               f"| {mem:.0f} | - |")
 

@@ -228,6 +228,32 @@ def test_zstack_denoising_keeps_geometry_and_units(make_napari_viewer, qtbot, er
     assert psnr(d["clean"], restored.data) > psnr(d["clean"], stack.data) + 1.0
 
 
+def test_denoising_early_stopping_checkbox(make_napari_viewer, qtbot, errors):
+    """Denoising stops at the noise level (discrepancy principle) with Early stopping on; off, the
+    whole budget runs."""
+    from scipy import ndimage
+    from skimage import data
+    from skimage.transform import resize
+
+    clean = ndimage.gaussian_filter(resize(data.camera() / 255.0, (48, 48), anti_aliasing=True), 2)
+    noisy = (clean + 0.1 * np.random.default_rng(0).standard_normal(clean.shape)).astype(np.float32)
+    viewer = make_napari_viewer()
+    image = viewer.add_image(noisy, name="noisy")
+    w = dock(viewer, task="denoise", iterations=200)
+    assert w.early_stop_check.isEnabled() and w.early_stop_check.text() == "residual at noise level"
+    w.early_stop_check.setChecked(True)
+    click_run(qtbot, w)
+    assert errors == []
+    assert w.last_result.iteration < 150 and "discrepancy" in w.last_result.stop_reason
+    assert psnr(clean, viewer.layers[f"{image.name} restored"].data) > psnr(clean, noisy) + 8
+    w.early_stop_check.setChecked(False)
+    click_run(qtbot, w)
+    assert errors == []
+    assert w.last_result.iteration == 200 and w.last_result.stop_reason == "iteration budget reached"
+    w.task_combo.setCurrentText("inpaint")
+    assert w.early_stop_check.text() == "held-out pixels"
+
+
 def test_channel_axis_metadata_prefills_axes(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((SIZE, SIZE, 5), np.float32), name="yxc", metadata={"channel_axis": -1})

@@ -359,11 +359,12 @@ class RestoreWidget(QWidget):
         self.preview_spin.setToolTip("Update a preview layer every this many iterations (0 = off).")
         self.early_stop_check = QCheckBox("held-out pixels")
         self.early_stop_check.setToolTip(
-            "Inpainting and cloud removal only. On (library default): about 3 % of the observed pixels, in the mask's own\n"
+            "On (library default). Inpainting and cloud removal: about 3 % of the observed pixels, in the mask's own\n"
             "pattern (line segments for dead lines, blobs for painted defects), are held out; the iterate\n"
             "that predicts them best is returned and the run stops when they stop improving (the\n"
-            "biharmonic start is returned when no iterate beats it). Off: the whole budget runs and the\n"
-            "last iterate is returned.")
+            "biharmonic start is returned when no iterate beats it). Denoising: the run stops once the\n"
+            "residual (input - estimate) is down to the noise level (the discrepancy principle).\n"
+            "Off: the whole budget runs and the last iterate (denoising: the moving average) is returned.")
         self.run_button = QPushButton("Run")
         self.run_button.setToolTip("Start the restoration; while it runs, this button cancels it\n"
                                    "(the best result so far is kept).")
@@ -570,7 +571,8 @@ class RestoreWidget(QWidget):
     def _on_task_changed(self, *_, save=True):
         masked = self.task in _MASK_TASKS
         self.mask_combo.setEnabled(masked and not self.is_running)
-        self.early_stop_check.setEnabled(masked and not self.is_running)
+        self.early_stop_check.setEnabled(not self.is_running)
+        self.early_stop_check.setText("held-out pixels" if masked else "residual at noise level")
         self._load_iterations()
         if save:
             self._save_settings()
@@ -641,8 +643,9 @@ class RestoreWidget(QWidget):
                       spatial_weight=d["spatial_weight"] * s, channel_weight=d["channel_weight"] * s,
                       stack_weight=d["stack_weight"] * s, seed=int(self.seed_spin.value()),
                       device=self.device, preview_every=int(self.preview_spin.value()))
-        if task in _MASK_TASKS and not self.early_stop_check.isChecked():
-            params["holdout"] = 0.0  # no validation: run the budget, return the last iterate
+        if not self.early_stop_check.isChecked():
+            # run the budget: no validation (inpainting: the last iterate), no discrepancy stop (denoising)
+            params["holdout" if task in _MASK_TASKS else "discrepancy"] = 0.0
         rgb = bool(image.rgb)
         state = _RunState(image.name, task, dict(params, strength=s), _layer_kwargs(image), rgb)
         from napari.qt.threading import create_worker
@@ -845,7 +848,7 @@ class RestoreWidget(QWidget):
                   self.strength_spin, self.device_combo, self.seed_spin, self.preview_spin):
             w.setEnabled(True)
         self.mask_combo.setEnabled(self.task in _MASK_TASKS)
-        self.early_stop_check.setEnabled(self.task in _MASK_TASKS)
+        self.early_stop_check.setEnabled(True)
         self.run_button.setText("Run")
         self.run_button.setEnabled(True)
         if text is not None:
