@@ -89,7 +89,7 @@ class GradientSolver:
         basis of ``(lambda / (w + lambda))^2``. The denoising stop rule (the discrepancy principle,
         ``SolverOptions.discrepancy``) compares the measured residual with it.
         """
-        lam = torch.broadcast_to(self._eig, self.shape).double()
+        lam = torch.broadcast_to(self._eig.detach().cpu().double(), self.shape)  # float64 on the CPU (MPS has none)
         return float(torch.mean((lam / (float(w) + lam)) ** 2))
 
     def change_data_weight(self, x: torch.Tensor, y: torch.Tensor, w, w_new) -> torch.Tensor:
