@@ -305,7 +305,7 @@ def test_final_reweight_is_the_same_solve_with_another_data_weight(rgb48):
     noisy = rgb48 + np.random.default_rng(0).normal(0, 0.1, rgb48.shape)
     job = napari_ngr.prepare_denoise(noisy, channel_axis=-1, iterations=2)
     r = job._r
-    g = torch.randn(r.shape, generator=torch.Generator().manual_seed(0))
+    g = torch.randn(r.shape, generator=torch.Generator().manual_seed(0)).to(r.device)  # auto device: CUDA if present
     w = r.operator.fused_weight
     x = r.grad.solve(g + w * r.operator.y, w)
     x2 = r.grad.change_data_weight(x, r.operator.y, w, 0.5 * w)
