@@ -158,3 +158,21 @@ def test_residual_factor_is_the_residual_variance_exact_gradients_leave(w):
     assert 0.0 < factor < 1.0
     assert abs(np.mean(ratios) / factor - 1.0) < 0.03
     assert solver.residual_factor(10 * w) < factor  # a stronger data term keeps more noise in x
+
+
+def test_noise_rms_matches_estimate_sigma_and_reads_shot_noise_at_its_rms():
+    from skimage import data
+    from skimage.restoration import estimate_sigma
+    from skimage.transform import resize
+
+    from napari_ngr.operators import noise_rms
+
+    rng = np.random.default_rng(0)
+    cam = resize(data.camera() / 255.0, (128, 128), anti_aliasing=True)
+    y = cam + 0.1 * rng.standard_normal(cam.shape)
+    assert noise_rms(y) == pytest.approx(estimate_sigma(y), rel=0.02)
+    shot = rng.poisson(cam * 30) / 30.0  # variance cam / 30: grows with intensity
+    rms = float(np.std(shot - cam))
+    assert abs(noise_rms(shot) / rms - 1) < 0.05
+    assert estimate_sigma(shot) < 0.9 * rms  # the global median reads a lower level
+    assert noise_rms(np.zeros((16, 16))) == 0.0 and noise_rms(rng.normal(0, 1, (5, 7))) > 0

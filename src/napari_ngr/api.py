@@ -11,7 +11,7 @@ import torch
 
 from ._device import resolve_device
 from ._layout import Layout, resolve_layout
-from .operators import Denoising, Inpainting, MixedNoise, Operator, plane_sigmas
+from .operators import Denoising, Inpainting, MixedNoise, Operator, noise_rms
 from .solver import Progress, Restoration, SolverOptions
 
 __all__ = ["inpaint", "denoise", "decloud", "prepare_inpaint", "prepare_denoise", "prepare_decloud", "RestorationJob",
@@ -515,10 +515,11 @@ def decloud(stack, cloud_mask, *, time_axis=0, channel_axis=None, iterations=Non
 
 
 def _estimate_sigma_normalized(y: np.ndarray) -> float:
-    """Median over (up to 16) planes of :func:`~napari_ngr.operators.plane_sigmas` (wavelet MAD)."""
-    planes = y.reshape(-1, 1, *y.shape[-2:])
+    """Median over (up to 16) planes of :func:`~napari_ngr.operators.noise_rms` (wavelet MAD in
+    intensity bins: the RMS level, also under shot noise)."""
+    planes = y.reshape(-1, *y.shape[-2:])
     idx = np.linspace(0, len(planes) - 1, min(len(planes), 16)).round().astype(int)
-    return float(np.median(plane_sigmas(planes[idx])))
+    return float(np.median([noise_rms(planes[i]) for i in idx]))
 
 
 def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="gaussian", iterations=None,
@@ -575,8 +576,10 @@ def denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="gaussian"
     sigma : float, optional
         Noise standard deviation in the image's units. ``None`` estimates it: for
         ``noise="gaussian"`` the median over (up to 16) planes of
-        :func:`skimage.restoration.estimate_sigma` (wavelet-domain MAD); for ``noise="mixed"`` one
-        level per plane (band, channel, frame), after impulses are set aside.
+        :func:`~napari_ngr.operators.noise_rms`, the wavelet-domain MAD of
+        :func:`skimage.restoration.estimate_sigma` taken in intensity bins, so that shot noise is
+        measured at its RMS level; for ``noise="mixed"`` one level per plane (band, channel,
+        frame) by ``estimate_sigma``, after impulses are set aside.
     noise : {"gaussian", "mixed"}
         ``"gaussian"``: additive white Gaussian noise. ``"mixed"``: Gaussian noise (its own level in
         every plane) plus sparse and structured noise, as in hyperspectral and push-broom data
