@@ -365,3 +365,14 @@ def test_denoise_stops_by_the_discrepancy_principle(gray48):
     assert psnr(img, res.image) > psnr(img, full.image) + 3
     mixed = napari_ngr.prepare_denoise(noisy, noise="mixed", iterations=30).run()
     assert mixed.iteration == 30 and mixed.history[-1]["discrepancy"] is None
+
+
+def test_mixed_noise_with_a_constant_band_stays_finite(cube):
+    """A constant band (no noise to measure) gets the floor noise level, not NaN weights."""
+    rng = np.random.default_rng(3)
+    noisy = cube + 0.05 * rng.standard_normal(cube.shape)
+    noisy[2] = 0.5
+    out = napari_ngr.denoise(noisy, channel_axis=0, noise="mixed", iterations=60)
+    assert np.isfinite(out).all()
+    rest = np.arange(len(cube)) != 2
+    assert psnr(cube[rest], out[rest]) > psnr(cube[rest], noisy[rest]) + 3
