@@ -29,6 +29,13 @@ def _block(cin: int, cout: int, k: int = 3, stride: int = 1, pad_mode: str = "ze
     return nn.Sequential(*layers)
 
 
+def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, channels: slice = slice(None)) -> torch.Tensor:
+    """Training-mode batch norm of ``x`` with the parameters (and running statistics) of
+    ``bn``'s ``channels``."""
+    stats = (None, None) if bn.running_mean is None else (bn.running_mean[channels], bn.running_var[channels])
+    return F.batch_norm(x, *stats, bn.weight[channels], bn.bias[channels], True, bn.momentum, bn.eps)
+
+
 class GradientNet(nn.Module):
     """Shared U-Net trunk with one linear 1x1 head per regularized axis.
 
@@ -88,14 +95,53 @@ class GradientNet(nn.Module):
         return 2 ** self.levels
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Map the code ``z`` (1, in, H, W) to gradients (n_axes, planes, H, W)."""
+        """Map the code ``z`` (1, in, H, W) to gradients (n_axes, planes, H, W).
+
+        The layers are those of :meth:`forward_reference` (a DIP skip U-Net: skip branch
+        ``conv 1x1 - BN - LReLU``; decoder ``upsample - concat - BN - conv - BN - LReLU - conv 1x1 -
+        BN - LReLU``), evaluated in an equal but cheaper order; on a 2-core CPU an iteration
+        takes about 10 % less time (memory traffic at full resolution is what costs):
+
+        * batch norm is per channel, so the decoder's norm of ``concat(upsampled, skip)`` is two
+          norms; with nearest upsampling (an exact factor of 2, the size is padded to a multiple
+          of ``2**levels``) a pixel and its copies have the same statistics, so the upsampled
+          part is normalized *before* upsampling, at a quarter of the pixels;
+        * the skip branch's few channels are normalized in NCHW layout (PyTorch's channels-last
+          CPU batch norm is several times slower below 16 channels);
+        * the concatenation is never built: a convolution of a concatenation is the sum of the
+          convolutions of its parts, and the upsampled part's gradient then arrives contiguous.
+        """
         h, w = z.shape[-2:]
-        m = self.multiple
-        ph, pw = (-h) % m, (-w) % m
-        if ph or pw:
-            mode = "reflect" if (ph < h and pw < w) else "replicate"
-            z = F.pad(z, (0, pw, 0, ph), mode=mode)
+        z = self._pad(z)
         x = self.stem(z.contiguous(memory_format=torch.channels_last))
+        c = x.shape[1]
+        skips = []
+        for lvl in range(self.levels):
+            conv, bn, act = self.skip[lvl]
+            s = conv(x).contiguous()  # NCHW
+            s = _batch_norm(act(_batch_norm(s, bn)), self.up[lvl][0], slice(c, None))
+            skips.append(s.contiguous(memory_format=torch.channels_last))
+            x = self.down[lvl](x)
+        for lvl in reversed(range(self.levels)):
+            s = skips[lvl]
+            bn_in, block, block1 = self.up[lvl]
+            if self.upsample == "nearest":
+                x = F.interpolate(_batch_norm(x, bn_in, slice(0, c)), size=s.shape[-2:], mode="nearest")
+            else:
+                x = _batch_norm(F.interpolate(x, size=s.shape[-2:], mode="bilinear", align_corners=False),
+                                bn_in, slice(0, c))
+            conv = block[-3]
+            if isinstance(block[0], nn.ReflectionPad2d):
+                x, s = block[0](x), block[0](s)
+            x = (F.conv2d(x, conv.weight[:, :c], conv.bias, padding=conv.padding)
+                 + F.conv2d(s, conv.weight[:, c:], None, padding=conv.padding))
+            x = block1(block[-1](block[-2](x)))
+        return self._head(x, h, w)
+
+    def forward_reference(self, z: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` computed layer by layer as written (for tests)."""
+        h, w = z.shape[-2:]
+        x = self.stem(self._pad(z).contiguous(memory_format=torch.channels_last))
         skips = []
         for lvl in range(self.levels):
             skips.append(self.skip[lvl](x))
@@ -105,6 +151,18 @@ class GradientNet(nn.Module):
             extra = {} if self.upsample == "nearest" else {"align_corners": False}
             x = F.interpolate(x, size=s.shape[-2:], mode=self.upsample, **extra)
             x = self.up[lvl](torch.cat([x, s], dim=1))
+        return self._head(x, h, w)
+
+    def _pad(self, z: torch.Tensor) -> torch.Tensor:
+        h, w = z.shape[-2:]
+        m = self.multiple
+        ph, pw = (-h) % m, (-w) % m
+        if ph or pw:
+            mode = "reflect" if (ph < h and pw < w) else "replicate"
+            z = F.pad(z, (0, pw, 0, ph), mode=mode)
+        return z
+
+    def _head(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         out = self.head(x)[..., :h, :w]
         return out.reshape(self.n_axes, self.planes, h, w)
 
