@@ -14,6 +14,11 @@ def observed_mask(rate, shape=(256, 256)):
     return np.random.default_rng(2024).random(shape) < rate
 
 
+def observed_entries(rate, shape=(256, 256, 3)):
+    """True = observed; drawn independently per entry (per channel), as the NGR paper samples."""
+    return np.random.default_rng(2024).random(shape) < rate
+
+
 def noisy(gt, sigma):
     return gt + np.random.default_rng(2024).normal(0, sigma, gt.shape)
 
