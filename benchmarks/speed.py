@@ -1,6 +1,7 @@
 """Speed table: seconds per iteration, iterations used, total seconds and peak memory, for
 napari-ngr's defaults and for a configuration that mirrors the reference code (three
-independent 128-channel, 5-level U-Nets, no guide), on the core issue's two cases; then a
+independent 128-channel, 5-level U-Nets, no guide), on the core issue's two cases (and the
+opt-in bfloat16 network); then a
 200-band 256 x 256 hyperspectral cube (issue 6: many bands in reasonable memory), inpainting
 (10 % of entries observed) and mixed-noise denoising, timed over a few iterations and projected
 to the default budget.
@@ -90,6 +91,9 @@ def main(argv=None):
         if task == "denoise":  # the budget that fits 30 s on 2 cores, instead of the discrepancy stop
             spi, it, tot, mem, p = measure(task, args.device, iterations=250)
             print(f"| {name} | napari-ngr, iterations=250 | {spi:.3f} | {it} | {tot:.1f} | {mem:.0f} | {p:.2f} |")
+        # the network in bfloat16 (opt-in; fast only where the hardware has native bfloat16)
+        spi, it, tot, mem, p = measure(task, args.device, precision="bfloat16")
+        print(f"| {name} | napari-ngr, precision='bfloat16' | {spi:.3f} | {it} | {tot:.1f} | {mem:.0f} | {p:.2f} |")
         spi, it, tot, mem, p = measure(task, args.device, iterations=args.ref_iterations, **REFERENCE)
         est = spi * REF_ITERS[task]
         print(f"| {name} | reference mirror (3 nets x 128 ch) | {spi:.3f} | {REF_ITERS[task]} (timed {it}) "

@@ -80,7 +80,7 @@ def test_subcommand_help_lists_every_option(capsys):
     assert main(["inpaint", "--help"]) == 0
     text = capsys.readouterr().out
     for opt in ("--mask", "--mask-suffix", "-o", "--output-dir", "--iterations", "--spatial-weight",
-                "--channel-weight", "--stack-weight", "--seed", "--device", "--channel-axis", "--axes", "--dtype",
+                "--channel-weight", "--stack-weight", "--seed", "--device", "--precision", "--channel-axis", "--axes", "--dtype",
                 "--gradients", "--overwrite", "--resume", "--quiet", "--max-memory", "examples:"):
         assert opt in text, opt
     assert main(["denoise", "--help"]) == 0
@@ -504,3 +504,15 @@ def test_decloud_single_date_fails_clearly(tmp_path, camera, capsys):
     assert "t1.npy: FAILED:" in err and "at least 2 dates" in err
     assert "0 done, 0 skipped, 2 failed" in err
     assert listing(tmp_path) == ["one.tif", "one_mask.tif", "t1.npy", "t1_mask.npy"]
+
+
+def test_precision_option_reaches_the_network(tmp_path, camera):
+    noisy = (camera[:40, :40] / 255.0 + np.random.default_rng(0).normal(0, 0.1, (40, 40))).astype(np.float32)
+    tifffile.imwrite(tmp_path / "n.tif", noisy)
+    outs = {}
+    for prec in ("float32", "bfloat16"):
+        assert main(["denoise", str(tmp_path / "n.tif"), "--iterations", "8", "--sigma", "0.1", "--precision", prec,
+                     "-o", str(tmp_path / f"{prec}.tif"), "-q"]) == 0
+        outs[prec] = tifffile.imread(tmp_path / f"{prec}.tif")
+    assert outs["bfloat16"].dtype == np.float32 and outs["bfloat16"].shape == noisy.shape
+    assert not np.array_equal(outs["bfloat16"], outs["float32"])

@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         sol.add_argument("--seed", type=_int, default=0, help="random seed (default 0)")
         sol.add_argument("--device", default="auto",
                          help="auto (CUDA, then MPS, then CPU; default), cpu, cuda, cuda:1, mps")
+        sol.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                         help="the network's arithmetic (default float32); bfloat16 is about 1.5x faster on "
+                              "CPUs with native bfloat16 (AVX512-BF16/AMX) and on recent GPUs, slower elsewhere")
         run = p.add_argument_group("run")
         run.add_argument("--threads", type=_positive_int, metavar="N",
                          help="CPU threads for torch (default: torch's choice; 1-2 on a shared machine)")
@@ -827,6 +830,8 @@ def _run_one(item: _Item, args, task, device, rep: _Reporter, prefix: str):
     common = dict(channel_axis=item.channel_axis, axes=item.axes, iterations=args.iterations,
                   spatial_weight=args.spatial_weight, channel_weight=args.channel_weight,
                   stack_weight=args.stack_weight, seed=args.seed, device=device)
+    if args.precision != "float32":
+        common["precision"] = args.precision
     if task in MASK_TASKS:
         try:
             mask = read_any(item.mask)

@@ -77,6 +77,7 @@ class SolverOptions:
     min_iterations: int = 0
     start_margin: float = 0.02  # relative held-out error gain an iterate needs to replace the start
     final_weight: float = 1.0  # fused data terms: data-weight multiplier of the final re-solve
+    precision: str = "float32"  # the network's arithmetic: "float32" or "bfloat16" (autocast; see Restoration)
     seed: int = 0
 
 
@@ -136,6 +137,13 @@ class Restoration:
         self.axes = {k: v for k, v in axes.items()}
         self.opt = options
         self.device = torch.device(device)
+        if options.precision not in ("float32", "bfloat16"):
+            raise ValueError(f"precision must be 'float32' or 'bfloat16', got {options.precision!r}")
+        # bfloat16: the network's forward and backward run under autocast (its convolutions in
+        # bfloat16, weights, Adam and everything outside the network in float32). About 1.5x
+        # faster per iteration on CPUs with native bfloat16 (AVX512-BF16 / AMX) at equal quality
+        # (README); slower on CPUs without it, hence not the default.
+        self._bf16 = options.precision == "bfloat16"
         self.preview_every = int(preview_every)
         self.to_user = to_user or (lambda t: t.detach().cpu().numpy())
         self.state = _State()
@@ -192,7 +200,12 @@ class Restoration:
         z = self.z
         if opt.input_noise > 0:
             z = z + opt.input_noise * torch.randn(z.shape, generator=self._gen).to(self.device)
-        out = self.net(z)
+        if self._bf16:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                out = self.net(z)
+            out = out.float()
+        else:
+            out = self.net(z)
         S, C, H, W = self.shape
         loss = 0.0
         fields = {}
