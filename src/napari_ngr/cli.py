@@ -829,9 +829,7 @@ def _run_one(item: _Item, args, task, device, rep: _Reporter, prefix: str):
     image = read_pixels(info)
     common = dict(channel_axis=item.channel_axis, axes=item.axes, iterations=args.iterations,
                   spatial_weight=args.spatial_weight, channel_weight=args.channel_weight,
-                  stack_weight=args.stack_weight, seed=args.seed, device=device)
-    if args.precision != "float32":
-        common["precision"] = args.precision
+                  stack_weight=args.stack_weight, seed=args.seed, device=device, precision=args.precision)
     if task in MASK_TASKS:
         try:
             mask = read_any(item.mask)
