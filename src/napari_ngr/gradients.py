@@ -89,17 +89,19 @@ class GradientSolver:
         basis of ``(lambda / (w + lambda))^2``. The denoising stop rule (the discrepancy principle,
         ``SolverOptions.discrepancy``) compares the measured residual with it.
         """
-        lam = torch.broadcast_to(self._eig.detach().cpu().double(), self.shape)  # float64 on the CPU (MPS has none)
+        lam = self._eigenvalues()
         return float(torch.mean((lam / (float(w) + lam)) ** 2))
 
-    def change_data_weight(self, x: torch.Tensor, y: torch.Tensor, w, w_new) -> torch.Tensor:
-        """Given ``x = (w + L)^-1 (w y + g)``, return ``(w_new + L)^-1 (w_new y + g)`` without ``g``.
+    def hat_trace(self, w: float) -> float:
+        """Mean diagonal of the hat matrix ``w (w + L)^-1``: the weight an entry's own observed value
+        has in ``x = (w + L)^-1 (w y + g)`` (its trace over the number of entries, the mean over the
+        DCT basis of ``w / (w + lambda)``)."""
+        lam = self._eigenvalues()
+        return float(torch.mean(float(w) / (float(w) + lam)))
 
-        ``g = (w + L) x - w y`` is recovered in the DCT basis, so the same gradient term is solved
-        with another data weight (one DCT of ``x`` and ``y``, one inverse).
-        """
-        spec = dctn(x, self.dims) * (w + self._eig) + (w_new - w) * dctn(y, self.dims)
-        return idctn(spec / (w_new + self._eig), self.dims)
+    def _eigenvalues(self) -> torch.Tensor:
+        """Every eigenvalue of ``L`` (the image's shape), in float64 on the CPU (MPS has no float64)."""
+        return torch.broadcast_to(self._eig.detach().cpu().double(), self.shape)
 
     def divergence_term(self, fields: Mapping[int, torch.Tensor]) -> torch.Tensor:
         """``sum_i w_i D_i^T f_i`` for the gradient fields ``{dim: f_i}``."""

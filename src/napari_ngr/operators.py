@@ -39,6 +39,10 @@ class Operator:
         """The estimate reported to the user, given the current iterate ``x``."""
         return x
 
+    def fused_target(self, x: torch.Tensor) -> torch.Tensor:
+        """What a fused data term pulls ``x`` towards (:attr:`fused_weight`): the observation."""
+        return self.y
+
 
 class Inpainting(Operator):
     """Missing entries: ``y = P_Omega(x)``, observed entries are kept exactly.
@@ -246,18 +250,65 @@ class Inpainting(Operator):
 class Denoising(Operator):
     """Additive white Gaussian noise: ``y = x + n``, ``n ~ N(0, sigma^2)``.
 
-    The data term ``1/(2 sigma^2) ||x - y||^2`` times ``strength`` is fused into the
-    X-update, which is then exact in one DCT solve.
+    The data term ``weight / (2 sigma^2) ||x - y||^2`` is fused into the X-update, which is
+    then exact in one DCT solve.
+
+    Parameters
+    ----------
+    y : tensor
+        The (normalized) observation.
+    sigma : float
+        Noise standard deviation (normalized units).
+    weight : float
+        Scale of the data term.
+    excluded : bool tensor, optional
+        Entries left out of the data term (held out to validate on, see :meth:`holdout`). The
+        fused X-update cannot skip entries, so it pulls them towards the current estimate
+        instead (:meth:`fused_target`, one step of expectation-maximization per iteration):
+        their observed values never reach the estimate.
     """
 
-    def __init__(self, y: torch.Tensor, sigma: float, weight: float = 1.0):
+    def __init__(self, y: torch.Tensor, sigma: float, weight: float = 1.0, excluded: torch.Tensor | None = None):
         super().__init__(y)
         self.sigma = float(sigma)
+        self.weight = float(weight)
         self.fused_weight = weight / max(self.sigma, 1e-4) ** 2
+        self.excluded = excluded
+
+    def fused_target(self, x):
+        return self.y if self.excluded is None else torch.where(self.excluded, x, self.y)
+
+    def initial_estimate(self) -> torch.Tensor:
+        """The observation, with excluded entries started at the mean of their kept 3 x 3 neighbours
+        (their own values must not reach the estimate)."""
+        if self.excluded is None:
+            return self.y.clone()
+        import torch.nn.functional as F
+
+        S, C, H, W = self.y.shape
+        keep = (~self.excluded).to(self.y.dtype).reshape(S * C, 1, H, W)
+        box = torch.ones((1, 1, 3, 3), dtype=self.y.dtype, device=self.y.device)
+        num = F.conv2d(self.y.reshape(S * C, 1, H, W) * keep, box, padding=1)
+        den = F.conv2d(keep, box, padding=1)
+        fill = torch.where(den > 0, num / den.clamp_min(1.0), self.y[~self.excluded].mean())
+        return torch.where(self.excluded, fill.reshape(self.y.shape), self.y)
 
     def prox(self, v, mu):
         w = self.fused_weight
-        return (w * self.y + mu * v) / (w + mu)
+        out = (w * self.y + mu * v) / (w + mu)
+        return out if self.excluded is None else torch.where(self.excluded, v, out)
+
+    def holdout(self, fraction: float, generator: torch.Generator) -> tuple["Denoising", torch.Tensor]:
+        """Split off about ``fraction`` of the entries, drawn independently, as a validation set.
+
+        Returns the operator whose data term leaves them out and their boolean mask. Their noise
+        is independent of everything the solver then sees, so the error of the estimate there,
+        less ``sigma^2``, measures its error without ground truth (used to choose the returned
+        image's data weight, :attr:`~napari_ngr.solver.SolverOptions.final_weight`).
+        """
+        draw = torch.rand(self.y.shape, generator=generator, device="cpu").to(self.y.device)
+        held = draw < fraction
+        return Denoising(self.y, self.sigma, self.weight, excluded=held), held
 
 
 def median3(y: np.ndarray) -> np.ndarray:

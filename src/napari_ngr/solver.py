@@ -28,12 +28,16 @@ No ground truth is used anywhere. Which iterate is returned (see :class:`Restora
   the residual ``y - x`` shrinks as the iterations go on; once its variance falls to what exact
   gradients would leave (``sigma^2`` times :meth:`~napari_ngr.gradients.GradientSolver.residual_factor`),
   further iterations fit noise. Otherwise the budget ends it, or (``tol``) the relative change of
-  the average falling under ``tol``.
+  the average falling under ``tol``. The returned image solves the X-update once more with the
+  averaged network fields and the data weight times ``final_weight``; ``final_weight="auto"``
+  chooses that multiplier on a ``holdout`` fraction of the noisy entries, left out of the data
+  term from the start (:meth:`Restoration.final_weight`).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -45,7 +49,13 @@ from .gradients import GradientSolver, forward_difference
 from .network import GradientNet, SeparateGradientNets
 from .operators import Denoising, Inpainting, Operator
 
-__all__ = ["SolverOptions", "Progress", "Restoration"]
+__all__ = ["SolverOptions", "Progress", "Restoration", "FINAL_WEIGHTS"]
+
+#: Candidates of ``final_weight="auto"``, from trusting the data most to trusting the network most.
+FINAL_WEIGHTS = (4.0, 2.0, 1.0, 0.7, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.025, 0.01)
+#: ``final_weight="auto"`` without enough held-out entries (fewer than ``MIN_HELD``) uses this.
+FALLBACK_FINAL_WEIGHT = 0.5
+MIN_HELD = 64
 
 
 @dataclass
@@ -76,7 +86,7 @@ class SolverOptions:
     discrepancy: float = 0.0  # fused data terms: stop when residual / expected residual <= this (0: off)
     min_iterations: int = 0
     start_margin: float = 0.02  # relative held-out error gain an iterate needs to replace the start
-    final_weight: float = 1.0  # fused data terms: data-weight multiplier of the final re-solve
+    final_weight: float | str = 1.0  # fused data terms: data-weight multiplier of the returned image, or "auto"
     precision: str = "float32"  # the network's arithmetic: "float32" or "bfloat16" (autocast; see Restoration)
     seed: int = 0
 
@@ -112,6 +122,8 @@ class _State:
     iteration: int = 0
     stop_reason: str = "not started"
     history: list = field(default_factory=list)
+    final_weight: float | None = None  # the chosen final_weight (denoising)
+    final_weight_at: int = -1  # the iteration it was chosen at
 
 
 class Restoration:
@@ -144,6 +156,10 @@ class Restoration:
         # faster per iteration on CPUs with native bfloat16 (AVX512-BF16 / AMX) at equal quality
         # (README); slower on CPUs without it, hence not the default.
         self._bf16 = options.precision == "bfloat16"
+        fw = options.final_weight
+        if not (isinstance(fw, str) and fw == "auto" or (isinstance(fw, numbers.Real) and not isinstance(fw, bool)
+                                                       and math.isfinite(fw) and fw > 0)):
+            raise ValueError(f"final_weight must be a positive number or 'auto', got {fw!r}")
         self.preview_every = int(preview_every)
         self.to_user = to_user or (lambda t: t.detach().cpu().numpy())
         self.state = _State()
@@ -152,13 +168,18 @@ class Restoration:
         y = operator.y
         self.shape = tuple(y.shape)
         S, C, H, W = self.shape
-        self.held = None
+        self.held = None  # inpainting: held-out observed entries, which pick the returned iterate
+        self.noise_held = None  # denoising: held-out noisy entries, which pick the final data weight
+        self.operator = operator
         if isinstance(operator, Inpainting) and options.holdout > 0:
             self.operator, self.held = operator.holdout(options.holdout, self._gen)
             if int(self.held.sum()) < 16:
                 self.operator, self.held = operator, None
-        else:
-            self.operator = operator
+        elif isinstance(operator, Denoising) and options.final_weight == "auto" and options.holdout > 0:
+            op, held = operator.holdout(options.holdout, self._gen)
+            if int(held.sum()) >= MIN_HELD:
+                self.operator, self.noise_held = op, held.to(self.device)
+                self._n_kept = held.numel() - int(held.sum())
         self.dims = {name: dim for name, (dim, w) in self.axes.items()}
         self.weights = {dim: w for name, (dim, w) in self.axes.items()}
         self.grad = GradientSolver(self.shape, self.weights, device=self.device)
@@ -178,6 +199,7 @@ class Restoration:
         self.u = self.x.clone()
         self.w = torch.zeros_like(self.x)
         self.avg = self.x.clone()
+        self.gavg = None  # fused data terms: moving average of the gradient term sum_i lambda_i D_i^T f_i
         self._warm = 0
         self._full_start = None
         self.fields = {name: forward_difference(self.x, dim) for name, dim in self.dims.items()}
@@ -227,9 +249,13 @@ class Restoration:
         op = self.operator
         if op.fused_weight is not None:
             wgt = op.fused_weight
-            self.x = self.grad.solve(rhs + wgt * op.y, wgt)
+            self.x = self.grad.solve(rhs + wgt * op.fused_target(self.x), wgt)
             self.u = self.x
             primal = 0.0
+            # Every X-update is linear in the gradient term: the moving average of the iterates is
+            # one solve with the averaged term, which the returned image re-solves (estimate()).
+            e = opt.ema if self.gavg is not None else 0.0
+            self.gavg = rhs if e == 0 else e * self.gavg + (1 - e) * rhs
         else:
             mu = opt.mu
             self.x = self.grad.solve(rhs + mu * (self.u - self.w), mu)
@@ -289,7 +315,11 @@ class Restoration:
             else:
                 st.best, st.best_iteration = current.detach(), k
                 if self._disc_scale is not None:
-                    disc = float(torch.mean((self.operator.y - current) ** 2)) / self._disc_scale
+                    r2 = (self.operator.y - current) ** 2
+                    if self.noise_held is None:
+                        disc = float(torch.mean(r2)) / self._disc_scale
+                    else:  # held-out entries are not fitted: measure the kept ones
+                        disc = float(r2.sum() - r2[self.noise_held].sum()) / self._n_kept / self._disc_scale
                     if k >= opt.min_iterations and disc <= opt.discrepancy:
                         stop = True
                         st.stop_reason = "residual reached the noise level (discrepancy principle)"
@@ -314,7 +344,8 @@ class Restoration:
 
     # ------------------------------------------------------------------ results
     def estimate(self) -> torch.Tensor:
-        """The chosen estimate (best validation iterate or moving average), observed data re-inserted."""
+        """The chosen estimate, observed data re-inserted: the best held-out iterate (inpainting),
+        the moving average re-solved with ``final_weight`` times the data weight (denoising)."""
         st = self.state
         if self.held is not None and st.best is not None and st.best_iteration <= self.opt.warmup:
             # The start won the validation: rebuild it from *all* observed entries.
@@ -323,13 +354,55 @@ class Restoration:
             return self.full_operator.compose(self._full_start)
         best = st.best if st.best is not None else self.x
         op = self.operator
-        if op.fused_weight is not None and self.opt.final_weight != 1.0 and st.iteration > 0:
-            # Every X-update is linear, x = (w + L)^-1 (w y + g) with g = sum_i lambda_i D_i^T f_i,
-            # so an average of iterates is one solve with the averaged network fields: re-solve it
-            # with a weaker pull towards the noisy data (SolverOptions.final_weight).
-            w = op.fused_weight
-            best = self.grad.change_data_weight(best, op.y, w, w * float(self.opt.final_weight))
+        if op.fused_weight is not None and self.gavg is not None:
+            wn = op.fused_weight * self.final_weight()
+            best = self.grad.solve(self.gavg + wn * self.full_operator.y, wn)  # every entry's data, held-out too
         return self.full_operator.compose(best)
+
+    def final_weight(self) -> float:
+        """The data-weight multiplier of the returned denoised image (``SolverOptions.final_weight``).
+
+        ``"auto"`` chooses it among :data:`FINAL_WEIGHTS` by the estimated mean squared error of
+        the returned image, measured on the held-out noisy entries (``noise_held``), which no
+        iterate has seen: for each candidate ``c`` the averaged gradient term is solved with the
+        data weight ``c * w`` and those entries left out (imputed, to convergence), and ``err``,
+        their mean squared difference to the observation, is ``sigma^2`` plus the error of that
+        estimate (their noise is independent of it). The returned image also sees each entry's
+        own observation, with the hat matrix's weight ``a = mean(c w / (c w + lambda))``, so its error is
+        estimated as ``(1 - a)^2 (err - sigma^2) + a^2 sigma^2``. Without enough held-out entries
+        ``"auto"`` is :data:`FALLBACK_FINAL_WEIGHT`.
+        """
+        fw = self.opt.final_weight
+        if fw != "auto":
+            return float(fw)
+        st = self.state
+        if self.noise_held is None or self.gavg is None:
+            return FALLBACK_FINAL_WEIGHT
+        if st.final_weight_at != st.iteration:
+            st.final_weight, st.final_weight_at = self._choose_final_weight(), st.iteration
+        return st.final_weight
+
+    def _choose_final_weight(self) -> float:
+        op = self.operator
+        held = self.noise_held
+        y, w, s2 = op.y, op.fused_weight, op.sigma ** 2
+        x = self.x
+        scores = []
+        for c in FINAL_WEIGHTS:
+            wn = w * c
+            for _ in range(50):  # held-out entries imputed: converges geometrically (their hat weight < 1)
+                x_new = self.grad.solve(self.gavg + wn * torch.where(held, x, y), wn)
+                step = float((x_new - x)[held].abs().max())
+                x = x_new
+                if step < 1e-5:
+                    break
+            err = float(torch.mean((x - y)[held] ** 2))
+            a = self.grad.hat_trace(wn)
+            scores.append(((1 - a) ** 2 * (err - s2) + a * a * s2, c))
+            best = min(scores)
+            if len(scores) - scores.index(best) > 2:  # two candidates past the minimum: it is behind us
+                break
+        return min(scores)[1]
 
     def gradients(self, est: torch.Tensor | None = None) -> dict:
         """Gradient maps of ``est`` (default: the returned estimate) along each regularized axis

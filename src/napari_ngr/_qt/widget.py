@@ -788,6 +788,7 @@ class RestoreWidget(QWidget):
         info = dict(source=st.source_name, task=st.task, device=device, iterations_run=int(res.iteration),
                     best_iteration=int(res.best_iteration), stop_reason=res.stop_reason,
                     sigma=None if res.sigma is None else float(res.sigma),
+                    final_weight=res.final_weight,
                     **{k: v for k, v in st.params.items() if k != "device"})
         kw = st.layer_kwargs
         added = []
@@ -804,6 +805,8 @@ class RestoreWidget(QWidget):
         added.append(self.viewer.add_image(res.image, name=name, **rkw))
         how = "cancelled" if cancelled else res.stop_reason
         sigma = f", σ={res.sigma:.3g}" if res.sigma is not None else ""
+        if res.final_weight is not None:
+            sigma += f", data weight ×{res.final_weight:g}"
         self._finish(f"Done on {device}: {res.iteration} iterations, returned iteration "
                      f"{res.best_iteration} ({how}{sigma}) → {name!r}")
         return added
