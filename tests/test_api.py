@@ -1,5 +1,7 @@
 """The public library functions on real arrays: layouts, dtypes, determinism, errors, the loop."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -443,3 +445,19 @@ def test_bfloat16_network_restores_as_well_and_is_checked(rgb48):
     assert gain16 > 3 and gain16 > psnr(rgb48, out32) - psnr(rgb48, noisy) - 0.5
     with pytest.raises(ValueError, match="precision"):
         napari_ngr.denoise(noisy, channel_axis=-1, sigma=0.1, precision="float16", iterations=2)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bfloat16_warns_on_a_cpu_that_emulates_it(rgb48, monkeypatch, native):
+    """Without AVX512-BF16 or AMX, bfloat16 is emulated and ~8x slower (README): say so,
+    pointing at the caller's line."""
+    from napari_ngr import solver
+
+    monkeypatch.setattr(solver, "cpu_has_native_bfloat16", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        napari_ngr.denoise(rgb48, channel_axis=-1, sigma=0.1, precision="bfloat16", iterations=2, device="cpu")
+        napari_ngr.denoise(rgb48, channel_axis=-1, sigma=0.1, iterations=2, device="cpu")
+    ours = [w for w in caught if "native bfloat16" in str(w.message)]
+    assert len(ours) == (0 if native else 1) and all(w.category is RuntimeWarning for w in ours)
+    assert all(w.filename == __file__ for w in ours)

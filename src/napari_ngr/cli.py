@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="auto (CUDA, then MPS, then CPU; default), cpu, cuda, cuda:1, mps")
         sol.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                          help="the network's arithmetic (default float32); bfloat16 is about 1.5x faster on "
-                              "CPUs with native bfloat16 (AVX512-BF16/AMX) and on recent GPUs, slower elsewhere")
+                              "CPUs with native bfloat16 (AVX512-BF16/AMX), about 8x slower on CPUs without it")
         run = p.add_argument_group("run")
         run.add_argument("--threads", type=_positive_int, metavar="N",
                          help="CPU threads for torch (default: torch's choice; 1-2 on a shared machine)")

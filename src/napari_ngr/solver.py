@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -56,6 +57,27 @@ FINAL_WEIGHTS = (4.0, 2.0, 1.0, 0.7, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.025, 0.
 #: ``final_weight="auto"`` without enough held-out entries (fewer than ``MIN_HELD``) uses this.
 FALLBACK_FINAL_WEIGHT = 0.5
 MIN_HELD = 64
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside napari_ngr."""
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), as torch reports it;
+    ``True`` when torch cannot tell (no warning is better than a wrong one)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except Exception:  # private torch helpers: absent in some versions
+        return True
 
 
 @dataclass
@@ -154,8 +176,13 @@ class Restoration:
         # bfloat16: the network's forward and backward run under autocast (its convolutions in
         # bfloat16, weights, Adam and everything outside the network in float32). About 1.5x
         # faster per iteration on CPUs with native bfloat16 (AVX512-BF16 / AMX) at equal quality
-        # (README); slower on CPUs without it, hence not the default.
+        # (README); on CPUs without it emulated and far slower (8x measured on an AVX2 CPU), hence
+        # not the default, and a warning there.
         self._bf16 = options.precision == "bfloat16"
+        if self._bf16 and self.device.type == "cpu" and not cpu_has_native_bfloat16():
+            warnings.warn("precision='bfloat16' on a CPU without native bfloat16 (AVX512-BF16 or AMX) is "
+                          "emulated and much slower than float32 (about 8x per iteration measured on an "
+                          "AVX2 CPU); use precision='float32'", RuntimeWarning, stacklevel=_caller_stacklevel())
         fw = options.final_weight
         if not (isinstance(fw, str) and fw == "auto" or (isinstance(fw, numbers.Real) and not isinstance(fw, bool)
                                                        and math.isfinite(fw) and fw > 0)):
