@@ -1,7 +1,7 @@
 """Quality table: napari-ngr (defaults only) against classical peers, on the cases of
 shared/research/peers_quality.md, peers computed in the same run.
 
-    python benchmarks/quality.py            # everything (about 12 min on 2 CPU cores)
+    python benchmarks/quality.py            # everything (12 min on 2 AMX cores, 48 on 2 AVX2-only ones)
     python benchmarks/quality.py --quick    # one case per task
     python benchmarks/quality.py --gray     # only the grayscale photos (not peer cases of the issue)
     python benchmarks/quality.py --entries  # only the per-entry masks (not peer cases of the issue)
