@@ -46,7 +46,7 @@ DEFAULTS = {
     # estimated error on ``holdout`` (5 %) of the noisy entries, left out of the data term from the
     # start (Restoration.final_weight). The best multiplier differs by image: 0.1-0.15 on smooth
     # photos and dark-background fluorescence, 0.25-0.5 on the astronaut and coins, 0.7 on the
-    # camera-pan video, 2 on grass; the former fixed 0.5 (photos) and 1.0 (stacks) lost up to
+    # camera-pan video, 2-4 on grass; the former fixed 0.5 (photos) and 1.0 (stacks) lost up to
     # 5.9 dB (synthetic Z-stack sample), 1.7 dB (time-lapse crop) and 0.4 dB (grass).
     # ``guide``: the network's input carries the current estimate smoothed by a Gaussian of this
     # many pixels (refreshed every ``guide_refresh`` iterations). 1.0 rather than 0.6: measured on
@@ -221,9 +221,8 @@ class RestorationJob:
                 image = np.where(self.keep[0], self.keep[1], image).astype(np.float32)
             grads = {k: self._to_user(v, offset=False) for k, v in r.gradients(est).items()}
         reason = "cancelled" if self._cancelled else r.state.stop_reason
-        fw = r.final_weight() if r.operator.fused_weight is not None and r.gavg is not None else None
         return RestorationResult(image, grads, r.state.iteration, r.state.best_iteration, reason,
-                                 self.sigma, list(r.state.history), fw)
+                                 self.sigma, list(r.state.history), r.final_weight())
 
 
 def _axes_weights(layout: Layout, spatial_weight, channel_weight, stack_weight) -> dict:

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -61,9 +63,6 @@ MIN_HELD = 64
 
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the first caller outside napari_ngr."""
-    import os
-    import sys
-
     here = os.path.dirname(os.path.abspath(__file__))
     frame, level = sys._getframe(1), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here + os.sep):
@@ -381,13 +380,15 @@ class Restoration:
             return self.full_operator.compose(self._full_start)
         best = st.best if st.best is not None else self.x
         op = self.operator
-        if op.fused_weight is not None and self.gavg is not None:
-            wn = op.fused_weight * self.final_weight()
+        fw = self.final_weight()
+        if fw is not None:
+            wn = op.fused_weight * fw
             best = self.grad.solve(self.gavg + wn * self.full_operator.y, wn)  # every entry's data, held-out too
         return self.full_operator.compose(best)
 
-    def final_weight(self) -> float:
-        """The data-weight multiplier of the returned denoised image (``SolverOptions.final_weight``).
+    def final_weight(self) -> float | None:
+        """The data-weight multiplier of the returned denoised image (``SolverOptions.final_weight``);
+        ``None`` where the returned image is not re-solved (no fused data term, or no iteration yet).
 
         ``"auto"`` chooses it among :data:`FINAL_WEIGHTS` by the estimated mean squared error of
         the returned image, measured on the held-out noisy entries (``noise_held``), which no
@@ -399,11 +400,13 @@ class Restoration:
         estimated as ``(1 - a)^2 (err - sigma^2) + a^2 sigma^2``. Without enough held-out entries
         ``"auto"`` is :data:`FALLBACK_FINAL_WEIGHT`.
         """
+        if self.operator.fused_weight is None or self.gavg is None:
+            return None
         fw = self.opt.final_weight
         if fw != "auto":
             return float(fw)
         st = self.state
-        if self.noise_held is None or self.gavg is None:
+        if self.noise_held is None:
             return FALLBACK_FINAL_WEIGHT
         if st.final_weight_at != st.iteration:
             st.final_weight, st.final_weight_at = self._choose_final_weight(), st.iteration
