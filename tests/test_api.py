@@ -323,15 +323,18 @@ def test_returned_denoised_image_is_one_solve_with_the_averaged_gradient_term(rg
             napari_ngr.denoise(noisy, channel_axis=-1, iterations=1, final_weight=bad)
 
 
-def test_held_out_noisy_entries_never_reach_the_iterates(gray48):
+@pytest.mark.parametrize("prefilter", ["none", "nlmeans"])
+def test_held_out_noisy_entries_never_reach_the_iterates(gray48, prefilter):
     """``final_weight="auto"`` holds entries out of the data term: changing their observed values
-    changes nothing the loop computes, only the validation and the final solve."""
+    changes nothing the loop computes (the NL-means prefilter included), only the validation and
+    the final solve."""
     from napari_ngr.operators import Denoising
     from napari_ngr.solver import Restoration, SolverOptions
 
     y = torch.from_numpy((gray48 + 0.1 * np.random.default_rng(0).standard_normal(gray48.shape)).astype(np.float32))
     y = y.reshape(1, 1, 48, 48)
-    opts = SolverOptions(iterations=15, final_weight="auto", holdout=0.05, ema=0.9, channels=8, levels=2, seed=3)
+    opts = SolverOptions(iterations=15, final_weight="auto", holdout=0.05, ema=0.9, channels=8, levels=2, seed=3,
+                         prefilter=prefilter, guide=1.0)
     axes = {"y": (2, 1.0), "x": (3, 1.0)}
     a = Restoration(Denoising(y, 0.1, 0.01), axes, opts, device="cpu").run()
     held = a.noise_held
@@ -341,6 +344,8 @@ def test_held_out_noisy_entries_never_reach_the_iterates(gray48):
     assert torch.equal(b.noise_held, held)
     torch.testing.assert_close(a.gavg, b.gavg, atol=0, rtol=0)
     torch.testing.assert_close(a.x, b.x, atol=0, rtol=0)
+    if prefilter == "nlmeans":
+        torch.testing.assert_close(a._prefiltered, b._prefiltered, atol=0, rtol=0)
     assert not torch.equal(a.estimate(), b.estimate())  # the final solve sees every observation
 
 
@@ -360,10 +365,11 @@ def test_auto_final_weight_is_chosen_near_the_best_without_ground_truth(gray48):
         job = napari_ngr.prepare_denoise(noisy, sigma=0.1, iterations=150)
         res = job.run()
         r = job._r
+        g = r.state.best_fields  # the gradient term of the returned check (select="holdout")
         scores = {}
         for c in FINAL_WEIGHTS:
             wn = r.operator.fused_weight * c
-            scores[c] = psnr(clean, job._to_user(r.grad.solve(r.gavg + wn * r.full_operator.y, wn)))
+            scores[c] = psnr(clean, job._to_user(r.grad.solve(g + wn * r.full_operator.y, wn)))
         assert res.final_weight in FINAL_WEIGHTS
         assert psnr(clean, res.image) == pytest.approx(scores[res.final_weight], abs=1e-3)
         assert scores[res.final_weight] > max(scores.values()) - 0.5, (name, res.final_weight, scores)
@@ -401,12 +407,40 @@ def test_network_modes_are_checked(gray48):
     assert a.shape == b.shape == gray48.shape and not np.array_equal(a, b)
 
 
-def test_denoise_stops_by_the_discrepancy_principle(gray48):
-    """Gaussian denoising stops once the residual has the noise's variance (no ground truth),
-    long before a budget whose end has fitted the noise; ``discrepancy=0`` runs the budget."""
+def test_single_images_return_the_best_held_out_check(gray48, rgb48, stack):
+    """Grey and colour images (no stack axis) start from NL-means and return the check with the
+    lowest estimated held-out error: that error is reported at every check, the returned image is
+    that check's solve, and the loop stops ``patience`` checks after the best. Stacks do not."""
+    noisy = gray48 + 0.1 * np.random.default_rng(0).standard_normal(gray48.shape)
+    job = napari_ngr.prepare_denoise(noisy, iterations=400, sigma=0.1)
+    r = job._r
+    assert r.opt.prefilter == "nlmeans" and r.opt.select == "holdout" and r.opt.discrepancy == 0
+    res = job.run()
+    checks = [(h["iteration"], h["validation"]) for h in res.history if h["validation"] is not None]
+    assert [k for k, _ in checks] == list(range(25, res.iteration + 1, 25))
+    assert res.best_iteration == min(checks, key=lambda c: c[1])[0]
+    if res.iteration < 400:
+        assert res.stop_reason == "held-out error stopped improving"
+        assert res.iteration == res.best_iteration + 4 * 25
+    wn = r.operator.fused_weight * res.final_weight
+    ref = r.grad.solve(r.state.best_fields + wn * r.full_operator.y, wn)
+    np.testing.assert_allclose(res.image, job._to_user(ref), atol=1e-5)
+    assert psnr(gray48, res.image) > psnr(gray48, noisy) + 4.5
+    assert napari_ngr.prepare_denoise(rgb48, channel_axis=-1, iterations=1)._r.opt.prefilter == "nlmeans"
+    for other in (dict(image=stack), dict(image=rgb48, noise="mixed"), dict(image=np.zeros((8, 16, 16)), channel_axis=0)):
+        opt = napari_ngr.prepare_denoise(iterations=1, **other)._r.opt
+        assert opt.prefilter == "none" and opt.select == "last", other
+    for bad in (dict(prefilter="bm3d"), dict(select="best")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            napari_ngr.denoise(noisy, iterations=1, **bad)
+
+
+def test_denoise_stops_by_the_discrepancy_principle(stack):
+    """Gaussian denoising of stacks stops once the residual has the noise's variance (no ground
+    truth), long before a budget whose end has fitted the noise; ``discrepancy=0`` runs the budget."""
     from scipy import ndimage
 
-    img = ndimage.gaussian_filter(gray48, 2)
+    img = ndimage.gaussian_filter(stack[:3], (0, 2, 2))
     noisy = img + 0.1 * np.random.default_rng(0).standard_normal(img.shape)
     res = napari_ngr.prepare_denoise(noisy, iterations=300).run()
     assert "discrepancy" in res.stop_reason

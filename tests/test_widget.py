@@ -229,8 +229,8 @@ def test_zstack_denoising_keeps_geometry_and_units(make_napari_viewer, qtbot, er
 
 
 def test_denoising_early_stopping_checkbox(make_napari_viewer, qtbot, errors):
-    """Denoising stops at the noise level (discrepancy principle) with Early stopping on; off, the
-    whole budget runs."""
+    """Denoising of a single image stops when its held-out error stops improving with Early
+    stopping on; off, the whole budget runs."""
     from scipy import ndimage
     from skimage import data
     from skimage.transform import resize
@@ -239,17 +239,19 @@ def test_denoising_early_stopping_checkbox(make_napari_viewer, qtbot, errors):
     noisy = (clean + 0.1 * np.random.default_rng(0).standard_normal(clean.shape)).astype(np.float32)
     viewer = make_napari_viewer()
     image = viewer.add_image(noisy, name="noisy")
-    w = dock(viewer, task="denoise", iterations=200)
-    assert w.early_stop_check.isEnabled() and w.early_stop_check.text() == "residual at noise level"
+    w = dock(viewer, task="denoise", iterations=300)
+    assert w.early_stop_check.isEnabled() and w.early_stop_check.text() == "held-out pixels / noise level"
     w.early_stop_check.setChecked(True)
     click_run(qtbot, w)
     assert errors == []
-    assert w.last_result.iteration < 150 and "discrepancy" in w.last_result.stop_reason
+    res = w.last_result
+    assert res.iteration < 300 and res.stop_reason == "held-out error stopped improving"
+    assert res.iteration == res.best_iteration + 100
     assert psnr(clean, viewer.layers[f"{image.name} restored"].data) > psnr(clean, noisy) + 8
     w.early_stop_check.setChecked(False)
     click_run(qtbot, w)
     assert errors == []
-    assert w.last_result.iteration == 200 and w.last_result.stop_reason == "iteration budget reached"
+    assert w.last_result.iteration == 300 and w.last_result.stop_reason == "iteration budget reached"
     w.task_combo.setCurrentText("inpaint")
     assert w.early_stop_check.text() == "held-out pixels"
 

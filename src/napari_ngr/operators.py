@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["Operator", "Inpainting", "Denoising", "MixedNoise"]
+__all__ = ["Operator", "Inpainting", "Denoising", "MixedNoise", "nl_means_planes"]
 
 
 class Operator:
@@ -309,6 +309,24 @@ class Denoising(Operator):
         draw = torch.rand(self.y.shape, generator=generator, device="cpu").to(self.y.device)
         held = draw < fraction
         return Denoising(self.y, self.sigma, self.weight, excluded=held), held
+
+
+def nl_means_planes(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Non-local means of every plane of an ``(S, C, H, W)`` tensor with noise level ``sigma``.
+
+    :func:`skimage.restoration.denoise_nl_means` (fast mode, 5 x 5 patches, 13 x 13 search window,
+    ``h = 0.8 sigma``): the prefilter of ``SolverOptions.prefilter="nlmeans"``.
+    """
+    from skimage.restoration import denoise_nl_means
+
+    a = x.detach().cpu().numpy().astype(np.float32)
+    S, C, H, W = a.shape
+    out = np.empty_like(a)
+    for s in range(S):
+        for c in range(C):
+            out[s, c] = denoise_nl_means(a[s, c], h=0.8 * sigma, sigma=sigma, fast_mode=True,
+                                         patch_size=5, patch_distance=6)
+    return torch.from_numpy(out).to(x.device)
 
 
 def median3(y: np.ndarray) -> np.ndarray:

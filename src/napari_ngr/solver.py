@@ -31,7 +31,10 @@ No ground truth is used anywhere. Which iterate is returned (see :class:`Restora
   the average falling under ``tol``. The returned image solves the X-update once more with the
   averaged network fields and the data weight times ``final_weight``; ``final_weight="auto"``
   chooses that multiplier on a ``holdout`` fraction of the noisy entries, left out of the data
-  term from the start (:meth:`Restoration.final_weight`).
+  term from the start (:meth:`Restoration.final_weight`). With ``select="holdout"`` that estimated
+  error is measured every ``check_every`` iterations; the check with the lowest one is returned
+  and the loop stops after ``patience`` checks without a new best. ``prefilter="nlmeans"`` starts
+  from, and guides the network by, the NL-means of the observation (held-out entries imputed).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import torch
 
 from .gradients import GradientSolver, forward_difference
 from .network import GradientNet, SeparateGradientNets
-from .operators import Denoising, Inpainting, Operator
+from .operators import Denoising, Inpainting, Operator, nl_means_planes
 
 __all__ = ["SolverOptions", "Progress", "Restoration", "FINAL_WEIGHTS"]
 
@@ -93,6 +96,8 @@ class SolverOptions:
     input_noise: float = 0.03
     guide: float = 0.0
     guide_refresh: int = 0
+    prefilter: str = "none"  # fused data terms: "nlmeans" starts from, and guides by, NL-means of y
+    select: str = "last"  # fused data terms: "holdout" returns the check with the lowest held-out error
     warmup: int = 0
     shared_trunk: bool = True
     pad_mode: str = "zeros"  # convolution padding: "zeros" (fused, fast) or "reflect"
@@ -145,6 +150,7 @@ class _State:
     history: list = field(default_factory=list)
     final_weight: float | None = None  # the chosen final_weight (denoising)
     final_weight_at: int = -1  # the iteration it was chosen at
+    best_fields: torch.Tensor | None = None  # fused data terms, prefilter: the gradient term of the best check
 
 
 class Restoration:
@@ -211,6 +217,14 @@ class Restoration:
         self.grad = GradientSolver(self.shape, self.weights, device=self.device)
         planes = S * C
         self.x = self.operator.initial_estimate().to(self.device)
+        if options.prefilter not in ("none", "nlmeans"):
+            raise ValueError(f"prefilter must be 'none' or 'nlmeans', got {options.prefilter!r}")
+        if options.select not in ("last", "holdout"):
+            raise ValueError(f"select must be 'last' or 'holdout', got {options.select!r}")
+        self._prefiltered = None
+        if options.prefilter == "nlmeans" and getattr(operator, "sigma", None):
+            # Held-out entries are imputed in the initial estimate: their values stay unseen.
+            self._prefiltered = self.x = nl_means_planes(self.x, self.operator.sigma)
         n_in = options.input_channels + (planes if options.guide > 0 else 0)
         levels = max(0, min(options.levels, int(math.log2(min(H, W))) - 2))  # coarsest map >= 2 px
         net_cls = GradientNet if options.shared_trunk else SeparateGradientNets
@@ -220,7 +234,8 @@ class Restoration:
         self.z = (0.1 * torch.rand((1, options.input_channels, H, W), generator=self._gen)).to(self.device)
         self.z_code = self.z
         if options.guide > 0:
-            self.z = torch.cat([self.z_code, self._guide(self.x)], dim=1)
+            g = self._prefiltered.reshape(1, planes, H, W) if self._prefiltered is not None else self._guide(self.x)
+            self.z = torch.cat([self.z_code, g], dim=1)
         self.optim = torch.optim.Adam(self.net.parameters(), lr=options.lr, weight_decay=options.weight_decay)
         self.u = self.x.clone()
         self.w = torch.zeros_like(self.x)
@@ -229,6 +244,10 @@ class Restoration:
         self._warm = 0
         self._full_start = None
         self.fields = {name: forward_difference(self.x, dim) for name, dim in self.dims.items()}
+        # Fused data terms with select="holdout": every check_every iterations, the held-out error
+        # of the returned image (as final_weight="auto" estimates it) picks the best check so far.
+        self._select = (options.select == "holdout" and self.noise_held is not None
+                        and self.operator.fused_weight is not None)
         self._disc_scale = None  # expected mean squared residual y - x with exact gradients
         op = self.operator
         if options.discrepancy > 0 and op.fused_weight is not None and getattr(op, "sigma", None):
@@ -307,7 +326,7 @@ class Restoration:
             with torch.enable_grad():
                 loss, primal, change = self._step()
             st.iteration = k
-            if opt.guide > 0 and opt.guide_refresh and k % opt.guide_refresh == 0:
+            if opt.guide > 0 and opt.guide_refresh and k % opt.guide_refresh == 0 and self._prefiltered is None:
                 src = self.avg if opt.ema > 0 else self.x
                 self.z = torch.cat([self.z_code, self._guide(self.operator.compose(src))], dim=1)
             if opt.ema > 0:
@@ -338,6 +357,17 @@ class Restoration:
                         # error often rises for a while before it falls below the start's.
                         stop = True
                         st.stop_reason = "validation error stopped improving"
+            elif self._select:
+                if k % opt.check_every == 0 or k == total:
+                    score, c = self._choose_final_weight()
+                    val = score
+                    if score < st.best_score:
+                        st.best_score, st.best_iteration = score, k
+                        st.best, st.best_fields = current.detach().clone(), self.gavg.clone()
+                        st.final_weight, st.final_weight_at = c, k
+                    if (k - st.best_iteration) >= opt.patience * opt.check_every and k >= opt.min_iterations:
+                        stop = True
+                        st.stop_reason = "held-out error stopped improving"
             else:
                 st.best, st.best_iteration = current.detach(), k
                 if self._disc_scale is not None:
@@ -383,7 +413,8 @@ class Restoration:
         fw = self.final_weight()
         if fw is not None:
             wn = op.fused_weight * fw
-            best = self.grad.solve(self.gavg + wn * self.full_operator.y, wn)  # every entry's data, held-out too
+            g = st.best_fields if st.best_fields is not None else self.gavg
+            best = self.grad.solve(g + wn * self.full_operator.y, wn)  # every entry's data, held-out too
         return self.full_operator.compose(best)
 
     def final_weight(self) -> float | None:
@@ -408,11 +439,14 @@ class Restoration:
         st = self.state
         if self.noise_held is None:
             return FALLBACK_FINAL_WEIGHT
+        if st.best_fields is not None:  # select="holdout": chosen with the best check
+            return st.final_weight
         if st.final_weight_at != st.iteration:
-            st.final_weight, st.final_weight_at = self._choose_final_weight(), st.iteration
+            st.final_weight, st.final_weight_at = self._choose_final_weight()[1], st.iteration
         return st.final_weight
 
-    def _choose_final_weight(self) -> float:
+    def _choose_final_weight(self) -> tuple[float, float]:
+        """``(estimated mean squared error, multiplier)`` of the best of :data:`FINAL_WEIGHTS`."""
         op = self.operator
         held = self.noise_held
         y, w, s2 = op.y, op.fused_weight, op.sigma ** 2
@@ -432,7 +466,7 @@ class Restoration:
             best = min(scores)
             if len(scores) - scores.index(best) > 2:  # two candidates past the minimum: it is behind us
                 break
-        return min(scores)[1]
+        return min(scores)
 
     def gradients(self, est: torch.Tensor | None = None) -> dict:
         """Gradient maps of ``est`` (default: the returned estimate) along each regularized axis
