@@ -102,7 +102,7 @@ def main(argv=None):
     for task, name in (("inpaint", "astronaut 256² RGB, 10 % observed"), ("denoise", "astronaut 256² RGB, sigma 0.1")):
         spi, it, tot, mem, p = measure(task, args.device)
         print(f"| {name} | napari-ngr defaults | {spi:.3f} | {it} | {tot:.1f} | {mem:.0f} | {p:.2f} |")
-        if task == "denoise":  # the budget that fits 30 s on 2 cores, instead of the discrepancy stop
+        if task == "denoise":  # the budget that fits 30 s on 2 AMX cores, instead of the held-out stop
             spi, it, tot, mem, p = measure(task, args.device, iterations=250)
             print(f"| {name} | napari-ngr, iterations=250 | {spi:.3f} | {it} | {tot:.1f} | {mem:.0f} | {p:.2f} |")
         # the network in bfloat16 (opt-in; fast only where the hardware has native bfloat16)

@@ -67,16 +67,16 @@ DEFAULTS = {
     # NL-means of the observation (``prefilter="nlmeans"``, fixed), and returns the check (every 25
     # iterations) whose held-out error, as final_weight="auto" estimates it, is lowest (``select=
     # "holdout"``; stop after 4 checks without a new best). The discrepancy stop fires too early from
-    # that start. Measured at sigma 0.1 (benchmarks/quality.py; README): +1.0 dB on the astronaut,
-    # +1.9 dB on camera, -0.1 dB on brick. Stacks and spectra keep the Gaussian guide of the estimate,
+    # that start; it remains the fallback where nothing is held out (fixed final_weight, tiny images).
+    # Measured at sigma 0.1 (benchmarks/quality.py; README): +1.0 dB on the astronaut, +1.9 dB on
+    # camera, -0.1 dB on brick. Stacks and spectra keep the Gaussian guide of the estimate,
     # refreshed: a per-plane NL-means ignores the third axis that NGR uses there (synthetic Z-stack:
     # -0.9 dB with it).
     "denoise": dict(iterations=600, mixed_iterations=250, spatial_weight=1.0, channel_weight=0.5, stack_weight=0.5,
                     band_weight=2.0,
                     options=dict(ema=0.9, holdout=0.05, guide=1.0, guide_refresh=25, data_weight=0.01,
                                  final_weight="auto", discrepancy=1.0, min_iterations=20),
-                    planar_options=dict(prefilter="nlmeans", select="holdout", check_every=25, patience=4,
-                                        discrepancy=0.0)),
+                    planar_options=dict(prefilter="nlmeans", select="holdout", check_every=25, patience=4)),
 }
 
 
@@ -638,7 +638,9 @@ def denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="gaussian"
       Every 25 iterations (``check_every``) the held-out error of the image that would be returned
       is estimated, the best check is kept and returned (``select="holdout"``;
       ``result.best_iteration`` says which), and the run stops after 4 checks (``patience``)
-      without a new best, or after ``iterations`` (default 600);
+      without a new best, or after ``iterations`` (default 600). With a fixed ``final_weight``,
+      or an image too small to hold out 64 entries, nothing is held out and the discrepancy stop
+      below applies;
     * stacks (Z, T) and spectra (more than 4 channels), where a per-plane filter would ignore the
       third axis: the run starts from the image, the guide is the current estimate smoothed, and
       it stops by the discrepancy principle, once the residual ``image - restored`` has the

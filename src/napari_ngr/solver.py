@@ -97,7 +97,9 @@ class SolverOptions:
     guide: float = 0.0
     guide_refresh: int = 0
     prefilter: str = "none"  # fused data terms: "nlmeans" starts from, and guides by, NL-means of y
-    select: str = "last"  # fused data terms: "holdout" returns the check with the lowest held-out error
+    # fused data terms: "holdout" returns the check with the lowest held-out error (needs
+    # final_weight="auto" and enough held-out entries; else as "last"; replaces discrepancy)
+    select: str = "last"
     warmup: int = 0
     shared_trunk: bool = True
     pad_mode: str = "zeros"  # convolution padding: "zeros" (fused, fast) or "reflect"
@@ -150,7 +152,7 @@ class _State:
     history: list = field(default_factory=list)
     final_weight: float | None = None  # the chosen final_weight (denoising)
     final_weight_at: int = -1  # the iteration it was chosen at
-    best_fields: torch.Tensor | None = None  # fused data terms, prefilter: the gradient term of the best check
+    best_fields: torch.Tensor | None = None  # select="holdout": the averaged gradient term of the best check
 
 
 class Restoration:
