@@ -73,9 +73,11 @@ def main(argv=None):
     t = time.perf_counter()
     job = napari_ngr.prepare_denoise(noisy, channel_axis=-1, device=args.device)
     dres = job.run(_progress("denoise"))
-    print(f"\rdenoise: {dres.iteration} iterations in {time.perf_counter() - t:.1f} s, returned iteration "
-          f"{dres.best_iteration} ({dres.stop_reason}), estimated sigma {dres.sigma:.1f} (true 20), "
-          f"data weight x{dres.final_weight:g} (chosen on held-out pixels)")
+    what = (f"returned iteration {dres.best_iteration}" if dres.method == "NGR"
+            else f"returned {dres.method} (lower held-out error than the network's)")
+    weight = f", data weight x{dres.final_weight:g} (chosen on held-out pixels)" if dres.final_weight else ""
+    print(f"\rdenoise: {dres.iteration} iterations in {time.perf_counter() - t:.1f} s, {what} "
+          f"({dres.stop_reason}), estimated sigma {dres.sigma:.1f} (true 20){weight}")
     print(f"  PSNR noisy {psnr(noisy):.2f} dB -> denoised {psnr(dres.image):.2f} dB")
     denoised = np.clip(np.round(dres.image), 0, 255).astype(np.uint8)
 

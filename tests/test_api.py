@@ -436,6 +436,43 @@ def test_single_images_return_the_best_held_out_check(gray48, rgb48, stack):
             napari_ngr.denoise(noisy, iterations=1, **bad)
 
 
+def test_nlmeans_fallback_is_returned_only_when_its_held_out_error_is_lower(stack):
+    """Gaussian denoising scores NL-means of the observation on the held-out entries like the NGR
+    estimate and returns whichever is lower (``fallback="nlmeans"``), saying so in ``method``."""
+    from napari_ngr.operators import nl_means_planes
+
+    # A sharp checkerboard moving 2 px per frame: NL-means (repeated patches) restores it far
+    # better than five iterations of a network that has learnt little.
+    yy, xx = np.mgrid[:40, :44]
+    board = np.stack([0.2 + 0.6 * ((yy // 6 + (xx + 2 * t) // 6) % 2) for t in range(6)])
+    noisy = board + 0.1 * np.random.default_rng(1).standard_normal(board.shape)
+    job = napari_ngr.prepare_denoise(noisy, iterations=5, sigma=0.1)
+    r = job._r
+    assert r.opt.fallback == "nlmeans"
+    res = job.run()
+    assert res.method == "NL-means" and res.best_iteration == 0 and res.final_weight is None
+    assert r.state.fallback_score < r.state.final_score
+    ref = nl_means_planes(r.full_operator.y, r.operator.sigma)  # every entry, held-out ones too
+    np.testing.assert_allclose(res.image, job._to_user(ref), atol=1e-5)
+    ngr = napari_ngr.prepare_denoise(noisy, iterations=5, sigma=0.1, fallback="none").run()
+    assert ngr.method == "NGR" and ngr.best_iteration == 5 and ngr.final_weight is not None
+    assert psnr(board, res.image) > psnr(board, noisy) + 6
+    assert psnr(board, res.image) > psnr(board, ngr.image) + 3
+    assert set(res.gradients) == {"y", "x", "z"}
+    # A trained network wins on a single image: the NGR estimate is returned.
+    gray = stack[0] + 0.1 * np.random.default_rng(2).standard_normal(stack[0].shape)
+    job = napari_ngr.prepare_denoise(gray, iterations=150, sigma=0.1)
+    res = job.run()
+    assert res.method == "NGR" and res.best_iteration > 0
+    assert job._r.state.best_score <= job._r.state.fallback_score
+    # Spectra (> 4 channels) and mixed noise never fall back; a bad value is a ValueError.
+    assert napari_ngr.prepare_denoise(np.zeros((8, 16, 16)), channel_axis=0, iterations=1)._r.opt.fallback == "none"
+    mixed = napari_ngr.prepare_denoise(noisy, noise="mixed", iterations=3)
+    assert mixed.run().method == "NGR"
+    with pytest.raises(ValueError, match="fallback"):
+        napari_ngr.denoise(noisy, iterations=1, fallback="bm3d")
+
+
 def test_denoise_stops_by_the_discrepancy_principle(stack):
     """Gaussian denoising of stacks stops once the residual has the noise's variance (no ground
     truth), long before a budget whose end has fitted the noise; ``discrepancy=0`` runs the budget."""

@@ -84,7 +84,8 @@ def test_subcommand_help_lists_every_option(capsys):
                 "--gradients", "--overwrite", "--resume", "--quiet", "--max-memory", "examples:"):
         assert opt in text, opt
     assert main(["denoise", "--help"]) == 0
-    assert "--sigma" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "--sigma" in text and "--no-fallback" in text
     assert main(["decloud", "--help"]) == 0
     text = capsys.readouterr().out
     for opt in ("--mask", "--mask-suffix", "--time-axis", "--channel-axis", "--axes", "-o", "--output-dir",
@@ -506,13 +507,28 @@ def test_decloud_single_date_fails_clearly(tmp_path, camera, capsys):
     assert listing(tmp_path) == ["one.tif", "one_mask.tif", "t1.npy", "t1_mask.npy"]
 
 
+def test_denoise_logs_the_nlmeans_fallback_and_no_fallback_keeps_the_network(tmp_path, capsys):
+    yy, xx = np.mgrid[:40, :44]  # a sharp checkerboard moving 2 px per frame: NL-means wins early
+    board = np.stack([0.2 + 0.6 * ((yy // 6 + (xx + 2 * t) // 6) % 2) for t in range(6)])
+    noisy = (board + 0.1 * np.random.default_rng(1).standard_normal(board.shape)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "b.tif", noisy, imagej=True, metadata={"axes": "ZYX"})
+    args = ["denoise", str(tmp_path / "b.tif"), "--iterations", "5", "--sigma", "0.1"]
+    assert main(args + ["-o", str(tmp_path / "fb.tif")]) == 0
+    assert "NL-means of the observation was returned" in capsys.readouterr().err
+    assert main(args + ["--no-fallback", "-o", str(tmp_path / "ngr.tif")]) == 0
+    err = capsys.readouterr().err
+    assert "b.tif -> " in err and "NL-means" not in err and "returned iteration 5" in err
+    fb, ngr = tifffile.imread(tmp_path / "fb.tif"), tifffile.imread(tmp_path / "ngr.tif")
+    assert psnr(board, fb) > psnr(board, ngr) + 3
+
+
 def test_precision_option_reaches_the_network(tmp_path, camera):
     noisy = (camera[:40, :40] / 255.0 + np.random.default_rng(0).normal(0, 0.1, (40, 40))).astype(np.float32)
     tifffile.imwrite(tmp_path / "n.tif", noisy)
     outs = {}
     for prec in ("float32", "bfloat16"):
         assert main(["denoise", str(tmp_path / "n.tif"), "--iterations", "8", "--sigma", "0.1", "--precision", prec,
-                     "-o", str(tmp_path / f"{prec}.tif"), "-q"]) == 0
+                     "--no-fallback", "-o", str(tmp_path / f"{prec}.tif"), "-q"]) == 0
         outs[prec] = tifffile.imread(tmp_path / f"{prec}.tif")
     assert outs["bfloat16"].dtype == np.float32 and outs["bfloat16"].shape == noisy.shape
     assert not np.array_equal(outs["bfloat16"], outs["float32"])

@@ -100,6 +100,9 @@ class SolverOptions:
     # fused data terms: "holdout" returns the check with the lowest held-out error (needs
     # final_weight="auto" and enough held-out entries; else as "last"; replaces discrepancy)
     select: str = "last"
+    # fused Gaussian data terms with held-out entries: "nlmeans" returns NL-means of y instead of
+    # the NGR estimate when its estimated held-out error is lower (Restoration.fallback_chosen)
+    fallback: str = "none"
     warmup: int = 0
     shared_trunk: bool = True
     pad_mode: str = "zeros"  # convolution padding: "zeros" (fused, fast) or "reflect"
@@ -153,6 +156,10 @@ class _State:
     final_weight: float | None = None  # the chosen final_weight (denoising)
     final_weight_at: int = -1  # the iteration it was chosen at
     best_fields: torch.Tensor | None = None  # select="holdout": the averaged gradient term of the best check
+    final_score: float = math.inf  # estimated held-out error of the returned NGR image (final_weight="auto")
+    fallback_score: float | None = None  # fallback="nlmeans": estimated held-out error of NL-means
+    fallback_chosen: bool = False
+    fallback_at: int = -1  # the iteration fallback_chosen was decided at
 
 
 class Restoration:
@@ -223,6 +230,10 @@ class Restoration:
             raise ValueError(f"prefilter must be 'none' or 'nlmeans', got {options.prefilter!r}")
         if options.select not in ("last", "holdout"):
             raise ValueError(f"select must be 'last' or 'holdout', got {options.select!r}")
+        if options.fallback not in ("none", "nlmeans"):
+            raise ValueError(f"fallback must be 'none' or 'nlmeans', got {options.fallback!r}")
+        self._full_fallback = None
+        self._fallback_nlm = None  # fallback="nlmeans": NL-means (held-out entries imputed) at those entries
         self._prefiltered = None
         if options.prefilter == "nlmeans" and getattr(operator, "sigma", None):
             # Held-out entries are imputed in the initial estimate: their values stay unseen.
@@ -404,6 +415,15 @@ class Restoration:
     def estimate(self) -> torch.Tensor:
         """The chosen estimate, observed data re-inserted: the best held-out iterate (inpainting),
         the moving average re-solved with ``final_weight`` times the data weight (denoising)."""
+        if self.fallback_chosen():
+            if self._full_fallback is None:  # NL-means of every entry, held-out ones too
+                self._full_fallback = nl_means_planes(self.full_operator.initial_estimate().to(self.device),
+                                                      self.operator.sigma)
+            return self.full_operator.compose(self._full_fallback)
+        return self._network_estimate()
+
+    def _network_estimate(self) -> torch.Tensor:
+        """:meth:`estimate` without the NL-means fallback."""
         st = self.state
         if self.held is not None and st.best is not None and st.best_iteration <= self.opt.warmup:
             # The start won the validation: rebuild it from *all* observed entries.
@@ -444,8 +464,47 @@ class Restoration:
         if st.best_fields is not None:  # select="holdout": chosen with the best check
             return st.final_weight
         if st.final_weight_at != st.iteration:
-            st.final_weight, st.final_weight_at = self._choose_final_weight()[1], st.iteration
+            (st.final_score, st.final_weight), st.final_weight_at = self._choose_final_weight(), st.iteration
         return st.final_weight
+
+    def fallback_chosen(self) -> bool:
+        """Whether :meth:`estimate` returns NL-means of the observation instead of the NGR estimate.
+
+        With ``fallback="nlmeans"`` (Gaussian denoising of images and stacks, by default), NL-means
+        of the observation with the held-out entries imputed (:func:`~napari_ngr.operators.nl_means_planes`,
+        the same as ``prefilter="nlmeans"``) is scored on those entries like the NGR estimate:
+        its mean squared difference to them less ``sigma^2`` (they are independent of it). Where its
+        estimated error is lower than the returned NGR image's (:meth:`final_weight`, or the best
+        check with ``select="holdout"``) by more than twice the standard error of that difference,
+        ``2 sigma rms(nlm - ngr) / sqrt(n)`` over the ``n`` held-out entries, NL-means of *all*
+        entries is returned: within its iteration budget the network did not beat the classical
+        filter on this image (on a CPU this happens on videos with motion, where each frame
+        differs from its neighbours).
+        """
+        opt, st, op = self.opt, self.state, self.operator
+        if (opt.fallback != "nlmeans" or self.noise_held is None or self.gavg is None
+                or op.fused_weight is None or not getattr(op, "sigma", None) or opt.final_weight != "auto"):
+            return False  # a fixed final weight has no held-out score to compare
+        if st.fallback_at != st.iteration:
+            held = self.noise_held
+            if self._fallback_nlm is None:
+                nlm = self._prefiltered
+                if nlm is None:  # held-out entries imputed: their values stay unseen
+                    nlm = nl_means_planes(op.initial_estimate().to(self.device), op.sigma)
+                self._fallback_nlm = nlm[held]
+                st.fallback_score = float(torch.mean((self._fallback_nlm - op.y[held]) ** 2)) - op.sigma ** 2
+            if st.best_fields is not None:  # select="holdout": the best check's score
+                ngr = st.best_score
+            else:
+                self.final_weight()
+                ngr = st.final_score
+            # Both errors are measured against the same noisy entries: their difference has the
+            # standard error 2 sigma rms(a - b) / sqrt(n) (the noise's own variance cancels), and
+            # NL-means must be better by twice that (tiny images: a few hundred entries decide).
+            d = self._fallback_nlm - self._network_estimate()[held]
+            se = 2 * op.sigma * float(torch.sqrt(torch.mean(d * d) / d.numel()))
+            st.fallback_chosen, st.fallback_at = st.fallback_score + 2 * se < ngr, st.iteration
+        return st.fallback_chosen
 
     def _choose_final_weight(self) -> tuple[float, float]:
         """``(estimated mean squared error, multiplier)`` of the best of :data:`FINAL_WEIGHTS`."""

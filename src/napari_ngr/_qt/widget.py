@@ -365,7 +365,8 @@ class RestoreWidget(QWidget):
             "biharmonic start is returned when no iterate beats it). Denoising: single images (up to 4\n"
             "channels) return the check (every 25 iterations) that predicts 5 % held-out noisy pixels best\n"
             "and stop when it stops improving; stacks stop once the residual (input - estimate) is down\n"
-            "to the noise level (the discrepancy principle).\n"
+            "to the noise level (the discrepancy principle). Where NL-means of the input predicts the held-out\n"
+            "noisy pixels better than the network's estimate (videos with motion), NL-means is returned.\n"
             "Off: the whole budget runs and the last iterate (denoising: the moving average) is returned.")
         self.run_button = QPushButton("Run")
         self.run_button.setToolTip("Start the restoration; while it runs, this button cancels it\n"
@@ -647,11 +648,11 @@ class RestoreWidget(QWidget):
                       device=self.device, preview_every=int(self.preview_spin.value()))
         if not self.early_stop_check.isChecked():
             # run the budget: no validation (inpainting: the last iterate), no discrepancy stop and no
-            # held-out choice of the returned check (denoising)
+            # held-out choice of the returned check or of NL-means (denoising)
             if task in _MASK_TASKS:
                 params["holdout"] = 0.0
             else:
-                params.update(discrepancy=0.0, select="last")
+                params.update(discrepancy=0.0, select="last", fallback="none")
         rgb = bool(image.rgb)
         state = _RunState(image.name, task, dict(params, strength=s), _layer_kwargs(image), rgb)
         from napari.qt.threading import create_worker
@@ -794,7 +795,7 @@ class RestoreWidget(QWidget):
         info = dict(source=st.source_name, task=st.task, device=device, iterations_run=int(res.iteration),
                     best_iteration=int(res.best_iteration), stop_reason=res.stop_reason,
                     sigma=None if res.sigma is None else float(res.sigma),
-                    final_weight=res.final_weight,
+                    final_weight=res.final_weight, method=res.method,
                     **{k: v for k, v in st.params.items() if k != "device"})
         kw = st.layer_kwargs
         added = []
@@ -813,8 +814,9 @@ class RestoreWidget(QWidget):
         sigma = f", σ={res.sigma:.3g}" if res.sigma is not None else ""
         if res.final_weight is not None:
             sigma += f", data weight ×{res.final_weight:g}"
-        self._finish(f"Done on {device}: {res.iteration} iterations, returned iteration "
-                     f"{res.best_iteration} ({how}{sigma}) → {name!r}")
+        what = (f"returned {res.method} of the input (lower held-out error)" if res.method != "NGR"
+                else f"returned iteration {res.best_iteration}")
+        self._finish(f"Done on {device}: {res.iteration} iterations, {what} ({how}{sigma}) → {name!r}")
         return added
 
     def _remove_previous_outputs(self, source: str):
