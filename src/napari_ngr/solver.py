@@ -101,7 +101,7 @@ class SolverOptions:
     # final_weight="auto" and enough held-out entries; else as "last"; replaces discrepancy)
     select: str = "last"
     # fused Gaussian data terms with held-out entries: "nlmeans" returns NL-means of y instead of
-    # the NGR estimate when its estimated held-out error is lower (Restoration.fallback_chosen)
+    # the NGR estimate when its estimated held-out error is clearly lower (Restoration.fallback_chosen)
     fallback: str = "none"
     warmup: int = 0
     shared_trunk: bool = True
