@@ -256,6 +256,29 @@ def test_denoising_early_stopping_checkbox(make_napari_viewer, qtbot, errors):
     assert w.early_stop_check.text() == "held-out pixels"
 
 
+def test_denoising_reports_the_nlmeans_fallback(make_napari_viewer, qtbot, errors):
+    """Where NL-means of the input predicts the held-out pixels better, the widget returns it and
+    says so (status line, layer metadata); Early stopping off keeps the network's estimate."""
+    yy, xx = np.mgrid[:40, :44]  # a sharp checkerboard moving 2 px per plane: NL-means wins early
+    board = np.stack([0.2 + 0.6 * ((yy // 6 + (xx + 2 * t) // 6) % 2) for t in range(6)])
+    noisy = (board + 0.1 * np.random.default_rng(1).standard_normal(board.shape)).astype(np.float32)
+    viewer = make_napari_viewer()
+    image = viewer.add_image(noisy, name="board")
+    w = dock(viewer, task="denoise", iterations=5)
+    w.early_stop_check.setChecked(True)
+    click_run(qtbot, w)
+    assert errors == []
+    assert w.last_result.method == "NL-means" and "NL-means" in w.status_label.text()
+    out = viewer.layers[f"{image.name} restored"]
+    assert out.metadata["napari_ngr"]["method"] == "NL-means"
+    assert psnr(board, out.data) > psnr(board, noisy) + 6
+    w.early_stop_check.setChecked(False)
+    click_run(qtbot, w)
+    assert errors == []
+    assert w.last_result.method == "NGR" and "NL-means" not in w.status_label.text()
+    assert "returned iteration 5" in w.status_label.text()
+
+
 def test_channel_axis_metadata_prefills_axes(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((SIZE, SIZE, 5), np.float32), name="yxc", metadata={"channel_axis": -1})
