@@ -436,16 +436,12 @@ def test_single_images_return_the_best_held_out_check(gray48, rgb48, stack):
             napari_ngr.denoise(noisy, iterations=1, **bad)
 
 
-def test_nlmeans_fallback_is_returned_only_when_its_held_out_error_is_lower(stack):
+def test_nlmeans_fallback_is_returned_only_when_its_held_out_error_is_lower(stack, moving_board):
     """Gaussian denoising scores NL-means of the observation on the held-out entries like the NGR
     estimate and returns whichever is lower (``fallback="nlmeans"``), saying so in ``method``."""
     from napari_ngr.operators import nl_means_planes
 
-    # A sharp checkerboard moving 2 px per frame: NL-means (repeated patches) restores it far
-    # better than five iterations of a network that has learnt little.
-    yy, xx = np.mgrid[:40, :44]
-    board = np.stack([0.2 + 0.6 * ((yy // 6 + (xx + 2 * t) // 6) % 2) for t in range(6)])
-    noisy = board + 0.1 * np.random.default_rng(1).standard_normal(board.shape)
+    board, noisy = moving_board  # five iterations: the network has learnt little, NL-means wins
     job = napari_ngr.prepare_denoise(noisy, iterations=5, sigma=0.1)
     r = job._r
     assert r.opt.fallback == "nlmeans"

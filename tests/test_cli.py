@@ -507,10 +507,8 @@ def test_decloud_single_date_fails_clearly(tmp_path, camera, capsys):
     assert listing(tmp_path) == ["one.tif", "one_mask.tif", "t1.npy", "t1_mask.npy"]
 
 
-def test_denoise_logs_the_nlmeans_fallback_and_no_fallback_keeps_the_network(tmp_path, capsys):
-    yy, xx = np.mgrid[:40, :44]  # a sharp checkerboard moving 2 px per frame: NL-means wins early
-    board = np.stack([0.2 + 0.6 * ((yy // 6 + (xx + 2 * t) // 6) % 2) for t in range(6)])
-    noisy = (board + 0.1 * np.random.default_rng(1).standard_normal(board.shape)).astype(np.float32)
+def test_denoise_logs_the_nlmeans_fallback_and_no_fallback_keeps_the_network(tmp_path, capsys, moving_board):
+    board, noisy = moving_board
     tifffile.imwrite(tmp_path / "b.tif", noisy, imagej=True, metadata={"axes": "ZYX"})
     args = ["denoise", str(tmp_path / "b.tif"), "--iterations", "5", "--sigma", "0.1"]
     assert main(args + ["-o", str(tmp_path / "fb.tif")]) == 0

@@ -256,12 +256,10 @@ def test_denoising_early_stopping_checkbox(make_napari_viewer, qtbot, errors):
     assert w.early_stop_check.text() == "held-out pixels"
 
 
-def test_denoising_reports_the_nlmeans_fallback(make_napari_viewer, qtbot, errors):
+def test_denoising_reports_the_nlmeans_fallback(make_napari_viewer, qtbot, errors, moving_board):
     """Where NL-means of the input predicts the held-out pixels better, the widget returns it and
     says so (status line, layer metadata); Early stopping off keeps the network's estimate."""
-    yy, xx = np.mgrid[:40, :44]  # a sharp checkerboard moving 2 px per plane: NL-means wins early
-    board = np.stack([0.2 + 0.6 * ((yy // 6 + (xx + 2 * t) // 6) % 2) for t in range(6)])
-    noisy = (board + 0.1 * np.random.default_rng(1).standard_normal(board.shape)).astype(np.float32)
+    board, noisy = moving_board
     viewer = make_napari_viewer()
     image = viewer.add_image(noisy, name="board")
     w = dock(viewer, task="denoise", iterations=5)
