@@ -73,8 +73,9 @@ def main(argv=None):
     t = time.perf_counter()
     job = napari_ngr.prepare_denoise(noisy, channel_axis=-1, device=args.device)
     dres = job.run(_progress("denoise"))
-    what = (f"returned iteration {dres.best_iteration}" if dres.method == "NGR"
-            else f"returned {dres.method} (lower held-out error than the network's)")
+    what = f"returned iteration {dres.best_iteration}" if dres.nlmeans_weight < 1 else dres.nlmeans_note
+    if 0 < dres.nlmeans_weight < 1:
+        what += f"; {dres.nlmeans_note}"
     weight = f", data weight x{dres.final_weight:g} (chosen on held-out pixels)" if dres.final_weight else ""
     print(f"\rdenoise: {dres.iteration} iterations in {time.perf_counter() - t:.1f} s, {what} "
           f"({dres.stop_reason}), estimated sigma {dres.sigma:.1f} (true 20){weight}")

@@ -437,30 +437,46 @@ def test_single_images_return_the_best_held_out_check(gray48, rgb48, stack):
 
 
 def test_nlmeans_fallback_is_returned_only_when_its_held_out_error_is_lower(stack, moving_board):
-    """Gaussian denoising scores NL-means of the observation on the held-out entries like the NGR
-    estimate and returns whichever is lower (``fallback="nlmeans"``), saying so in ``method``."""
-    from napari_ngr.operators import nl_means_planes
+    """Gaussian denoising scores NL-means of the observation, and mixes of it with the NGR
+    estimate, on the held-out entries like the NGR estimate alone and returns the lowest
+    (``fallback="nlmeans"``), saying so in ``method`` and ``nlmeans_weight``."""
+    from napari_ngr.operators import nl_means_stack
+    from napari_ngr.solver import NLMEANS_WEIGHTS
 
     board, noisy = moving_board  # five iterations: the network has learnt little, NL-means wins
     job = napari_ngr.prepare_denoise(noisy, iterations=5, sigma=0.1)
     r = job._r
     assert r.opt.fallback == "nlmeans"
     res = job.run()
-    assert res.method == "NL-means" and res.best_iteration == 0 and res.final_weight is None
-    assert r.state.fallback_score < r.state.final_score
-    ref = nl_means_planes(r.full_operator.y, r.operator.sigma)  # every entry, held-out ones too
+    assert res.method == "NL-means" and res.nlmeans_weight == 1.0
+    assert res.best_iteration == 0 and res.final_weight is None
+    st = r.state
+    # The share-0 and share-1 scores are the NGR image's and NL-means' own estimates.
+    assert st.nlmeans_scores[0] == pytest.approx(st.final_score, rel=1e-4, abs=1e-7)
+    assert st.nlmeans_scores[-1] == pytest.approx(st.fallback_score, rel=1e-4, abs=1e-7)
+    assert min(st.nlmeans_scores) == st.nlmeans_scores[-1] < st.final_score
+    ref = nl_means_stack(r.full_operator.y, r.operator.sigma)  # every entry, held-out ones too
     np.testing.assert_allclose(res.image, job._to_user(ref), atol=1e-5)
     ngr = napari_ngr.prepare_denoise(noisy, iterations=5, sigma=0.1, fallback="none").run()
-    assert ngr.method == "NGR" and ngr.best_iteration == 5 and ngr.final_weight is not None
+    assert ngr.method == "NGR" and ngr.nlmeans_weight == 0 and ngr.best_iteration == 5
+    assert ngr.final_weight is not None
     assert psnr(board, res.image) > psnr(board, noisy) + 6
     assert psnr(board, res.image) > psnr(board, ngr.image) + 3
     assert set(res.gradients) == {"y", "x", "z"}
+    # A share between 0 and 1 returns that mix of the two images, the network's iteration and weight.
+    st.nlmeans_weight, st.fallback_at = NLMEANS_WEIGHTS[1], st.iteration
+    mix = job.result()
+    assert mix.method == "NGR + NL-means" and mix.nlmeans_weight == NLMEANS_WEIGHTS[1]
+    assert mix.best_iteration == 5 and mix.final_weight == ngr.final_weight
+    np.testing.assert_allclose(mix.image, 0.75 * ngr.image + 0.25 * res.image, atol=1e-5)
+    assert "25% NL-means" in mix.nlmeans_note and ngr.nlmeans_note == ""
     # A trained network wins on a single image: the NGR estimate is returned.
     gray = stack[0] + 0.1 * np.random.default_rng(2).standard_normal(stack[0].shape)
     job = napari_ngr.prepare_denoise(gray, iterations=150, sigma=0.1)
     res = job.run()
     assert res.method == "NGR" and res.best_iteration > 0
     assert job._r.state.best_score <= job._r.state.fallback_score
+    assert job._r.state.nlmeans_scores[0] == pytest.approx(job._r.state.best_score, rel=1e-4, abs=1e-7)
     # Spectra (> 4 channels) and mixed noise never fall back; a bad value is a ValueError.
     assert napari_ngr.prepare_denoise(np.zeros((8, 16, 16)), channel_axis=0, iterations=1)._r.opt.fallback == "none"
     mixed = napari_ngr.prepare_denoise(noisy, noise="mixed", iterations=3)
@@ -482,7 +498,8 @@ def test_denoise_stops_by_the_discrepancy_principle(stack):
     ratios = [h["discrepancy"] for h in res.history]
     assert all(r is not None for r in ratios) and ratios[-1] <= 1.0
     assert all(r > 1.0 for r in ratios[19:-1])  # it stopped at the first check allowed to stop
-    full = napari_ngr.prepare_denoise(noisy, iterations=300, discrepancy=0).run()
+    # The network's own estimate at the end of the budget (the NL-means mix would rescue it).
+    full = napari_ngr.prepare_denoise(noisy, iterations=300, discrepancy=0, fallback="none").run()
     assert full.iteration == 300 and full.stop_reason == "iteration budget reached"
     assert psnr(img, res.image) > psnr(img, noisy) + 8
     assert psnr(img, res.image) > psnr(img, full.image) + 3

@@ -72,10 +72,11 @@ DEFAULTS = {
     # camera, -0.1 dB on brick. Stacks and spectra keep the Gaussian guide of the estimate,
     # refreshed: a per-plane NL-means ignores the third axis that NGR uses there (synthetic Z-stack:
     # -0.9 dB with it).
-    # ``fallback="nlmeans"``: per-plane NL-means competes with the returned image on the held-out
-    # entries (Restoration.fallback_chosen); measured on 7 stacks at sigma 0.1: returned on the
-    # camera-pan video (30.07 dB against NGR 28.44) and a real time-lapse crop (32.95 against 31.78),
-    # NGR kept on the Z-stacks, a tomogram crop and where it is better. Not for spectra (``band_options``).
+    # ``fallback="nlmeans"``: NL-means (per plane on single images; on stacks with 2-D patches matched
+    # across +-2 planes, nl_means_stack) and mixes of it with the NGR image compete with the NGR image
+    # on the held-out entries (Restoration.nlmeans_weight). Measured on 7 stacks (README): NL-means
+    # returned on the camera-pan video (31.69 dB against NGR 28.44); see the README for the rest.
+    # Not for spectra (``band_options``).
     "denoise": dict(iterations=600, mixed_iterations=250, spatial_weight=1.0, channel_weight=0.5, stack_weight=0.5,
                     band_weight=2.0,
                     options=dict(ema=0.9, holdout=0.05, guide=1.0, guide_refresh=25, data_weight=0.01,
@@ -111,10 +112,14 @@ class RestorationResult:
         For Gaussian denoising, the multiplier of the data weight the returned image was solved
         with (chosen on held-out noisy entries by ``final_weight="auto"``, the default).
     method : str
-        What the returned image is: ``"NGR"``, or ``"NL-means"`` where Gaussian denoising found
+        What the returned image is: ``"NGR"``; ``"NL-means"`` where Gaussian denoising found
         NL-means of the observation better on the held-out entries than the network's estimate
         (``fallback="nlmeans"``, the default for images and stacks of up to 4 channels; then
-        ``best_iteration`` is 0 and ``final_weight`` is None).
+        ``best_iteration`` is 0 and ``final_weight`` is None); ``"NGR + NL-means"`` where a mix of
+        the two was better than either (``nlmeans_weight`` says how much NL-means).
+    nlmeans_weight : float
+        NL-means' share of the returned image, ``(1 - w) NGR + w NL-means``: 0, 0.25, 0.5, 0.75
+        or 1, chosen on the held-out entries (0 without ``fallback="nlmeans"``).
     """
 
     image: np.ndarray
@@ -126,6 +131,17 @@ class RestorationResult:
     history: list = field(default_factory=list)
     final_weight: float | None = None
     method: str = "NGR"
+    nlmeans_weight: float = 0.0
+
+    @property
+    def nlmeans_note(self) -> str:
+        """How NL-means entered the returned image, in words (``""`` where it did not)."""
+        if self.nlmeans_weight >= 1:
+            return "NL-means of the observation was returned (lower held-out error than the network's)"
+        if self.nlmeans_weight > 0:
+            return (f"{self.nlmeans_weight:.0%} NL-means of the observation was mixed into the network's "
+                    "estimate (lower held-out error than either)")
+        return ""
 
 
 def _check_image(image, finite: bool = True) -> np.ndarray:
@@ -243,11 +259,13 @@ class RestorationJob:
                 image = np.where(self.keep[0], self.keep[1], image).astype(np.float32)
             grads = {k: self._to_user(v, offset=False) for k, v in r.gradients(est).items()}
         reason = "cancelled" if self._cancelled else r.state.stop_reason
-        if r.fallback_chosen():
+        alpha = r.nlmeans_weight()
+        if alpha >= 1:
             return RestorationResult(image, grads, r.state.iteration, 0, reason, self.sigma,
-                                     list(r.state.history), None, method="NL-means")
+                                     list(r.state.history), None, method="NL-means", nlmeans_weight=1.0)
         return RestorationResult(image, grads, r.state.iteration, r.state.best_iteration, reason,
-                                 self.sigma, list(r.state.history), r.final_weight())
+                                 self.sigma, list(r.state.history), r.final_weight(),
+                                 method="NGR + NL-means" if alpha > 0 else "NGR", nlmeans_weight=alpha)
 
 
 def _axes_weights(layout: Layout, spatial_weight, channel_weight, stack_weight) -> dict:
@@ -664,11 +682,14 @@ def denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="gaussian"
       variance that exact gradients would leave at the noise level ``sigma``
       (``discrepancy=1.0``; ``discrepancy=0`` runs the whole budget), or after ``iterations``.
 
-    At the end, with at most 4 channels and entries held out, per-plane NL-means of the image
-    (held-out entries imputed) is scored on them like the network's estimate; where its error is
-    lower by more than twice the standard error of the difference, NL-means of the whole image is
-    returned (``fallback="nlmeans"``; ``result.method`` is then ``"NL-means"``, else ``"NGR"``;
-    ``fallback="none"`` always returns the network's estimate). On a CPU budget this happens on
+    At the end, with at most 4 channels and entries held out, NL-means of the image (held-out
+    entries imputed; leave-one-out, with 2-D patches matched across the two planes on either side
+    on a stack, :func:`~napari_ngr.operators.nl_means_stack`) and its mixes
+    ``(1 - w) NGR + w NL-means``, ``w`` in 0.25, 0.5, 0.75, 1, are scored on them like the
+    network's estimate; where the best is lower by more than twice the standard error of the
+    difference, it is returned (``fallback="nlmeans"``; ``result.method`` is then ``"NL-means"``
+    or ``"NGR + NL-means"``, else ``"NGR"``; ``result.nlmeans_weight`` is ``w``;
+    ``fallback="none"`` always returns the network's estimate). On a CPU budget NL-means wins on
     videos with motion, where NGR needs more iterations than it gets.
 
     ``noise="mixed"`` runs a fixed budget (default 250) and returns the moving average.

@@ -283,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --noise mixed: do not look for stripes and dead lines (keeps genuine column-wide structure)")
     g_noise.add_argument(
         "--no-fallback", dest="fallback", action="store_const", const="none", default=None,
-        help="Gaussian noise: always return the network's estimate, even where NL-means of the input "
-             "predicts the held-out noisy pixels better (by default NL-means is then returned, and the log says so)")
+        help="Gaussian noise: always return the network's estimate, even where NL-means of the input, or a "
+             "mix of the two, predicts the held-out noisy pixels better (by default that is then returned, "
+             "and the log says so)")
 
     return parser
 
@@ -908,8 +909,8 @@ def _run_one(item: _Item, args, task, device, rep: _Reporter, prefix: str):
         item.reason += f"; the budget ended within the {warmup}-iteration warm-up: the {start} start was returned"
     elif warmup and res.best_iteration <= warmup:
         item.reason += f"; the {start} start was returned (no iterate beat it on the held-out pixels)"
-    if res.method != "NGR":
-        item.reason += f"; {res.method} of the observation was returned (lower held-out error than the network's)"
+    if res.nlmeans_note:
+        item.reason += f"; {res.nlmeans_note}"
     if info.n_series > 1:
         item.reason += f"; only the first of the file's {info.n_series} series was restored"
     rep.log(f"{prefix} {item.src} -> {target}: done, {item.reason}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["Operator", "Inpainting", "Denoising", "MixedNoise", "nl_means_planes"]
+__all__ = ["Operator", "Inpainting", "Denoising", "MixedNoise", "nl_means_planes", "nl_means_stack"]
 
 
 class Operator:
@@ -327,6 +327,51 @@ def nl_means_planes(x: torch.Tensor, sigma: float) -> torch.Tensor:
             out[s, c] = denoise_nl_means(a[s, c], h=0.8 * sigma, sigma=sigma, fast_mode=True,
                                          patch_size=5, patch_distance=6)
     return torch.from_numpy(out).to(x.device)
+
+
+def nl_means_stack(x: torch.Tensor, sigma: float, *, patch_size: int = 5, patch_distance: int = 6,
+                   plane_distance: int = 2, h: float = 0.6) -> torch.Tensor:
+    """Leave-one-out non-local means of an ``(S, C, H, W)`` stack, 2-D patches matched across planes.
+
+    Every entry becomes the weighted mean of the *other* entries whose ``patch_size`` x
+    ``patch_size`` neighbourhood (all ``C`` channels together) resembles its own, searched within
+    ``patch_distance`` pixels in its own plane and in the ``plane_distance`` planes on either
+    side (Z slices or frames). The weight of a patch at mean squared distance ``d`` is
+    ``exp(-max(d - 2 sigma^2, 0) / (h sigma)^2)`` (the fast algorithm of
+    :func:`skimage.restoration.denoise_nl_means`, with plain rather than Gaussian patch weights).
+    Matching 2-D patches in neighbouring planes finds the same structure where it has moved (a
+    panning or drifting video) and, on a Z-stack, in the next slices: five planes hold five times
+    the similar patches of one. The entry's own value gets no weight, so the filter's error on
+    entries held out of it is its error everywhere (an entry with no similar patch at all keeps
+    its value; where the noise is stronger than ``sigma``, as in the bright parts of shot noise, a
+    weight of 1 would keep it in most of them). Borders are reflected. Runs on ``x``'s device.
+    """
+    S, C, H, W = x.shape
+    p = patch_size // 2
+    pad = patch_distance + p
+    mode = "reflect" if pad < min(H, W) else "replicate"
+    xp = torch.nn.functional.pad(x.float(), (pad, pad, pad, pad), mode=mode)
+    c = patch_distance
+    ref = xp[:, :, c:c + H + 2 * p, c:c + W + 2 * p]  # every entry with its patch border
+    inv_h2 = 1.0 / (h * sigma) ** 2
+    floor = 2.0 * sigma ** 2
+    acc = torch.zeros_like(x, dtype=torch.float32)
+    wsum = torch.zeros((S, 1, H, W), dtype=acc.dtype, device=x.device)
+    for dt in range(-plane_distance, plane_distance + 1):
+        lo, hi = max(0, -dt), min(S, S - dt)  # planes s whose partner s + dt exists
+        if lo >= hi:
+            continue
+        for dy in range(-patch_distance, patch_distance + 1):
+            for dx in range(-patch_distance, patch_distance + 1):
+                if dt == 0 and dy == 0 and dx == 0:
+                    continue
+                other = xp[lo + dt:hi + dt, :, c + dy:c + dy + H + 2 * p, c + dx:c + dx + W + 2 * p]
+                d = ((ref[lo:hi] - other) ** 2).mean(dim=1, keepdim=True)
+                d = torch.nn.functional.avg_pool2d(d, patch_size, stride=1)
+                w = torch.exp((floor - d).clamp(max=0.0) * inv_h2)
+                acc[lo:hi] += w * other[:, :, p:p + H, p:p + W]
+                wsum[lo:hi] += w
+    return torch.where(wsum > 0, acc / wsum.clamp(min=1e-30), x.float()).to(x.dtype)
 
 
 def median3(y: np.ndarray) -> np.ndarray:

@@ -35,6 +35,8 @@ No ground truth is used anywhere. Which iterate is returned (see :class:`Restora
   error is measured every ``check_every`` iterations; the check with the lowest one is returned
   and the loop stops after ``patience`` checks without a new best. ``prefilter="nlmeans"`` starts
   from, and guides the network by, the NL-means of the observation (held-out entries imputed).
+  ``fallback="nlmeans"`` returns NL-means of the observation, or a mix of it and the NGR image,
+  where that predicts the held-out entries clearly better (:meth:`Restoration.nlmeans_weight`).
 """
 
 from __future__ import annotations
@@ -53,15 +55,17 @@ import torch
 
 from .gradients import GradientSolver, forward_difference
 from .network import GradientNet, SeparateGradientNets
-from .operators import Denoising, Inpainting, Operator, nl_means_planes
+from .operators import Denoising, Inpainting, Operator, nl_means_planes, nl_means_stack
 
-__all__ = ["SolverOptions", "Progress", "Restoration", "FINAL_WEIGHTS"]
+__all__ = ["SolverOptions", "Progress", "Restoration", "FINAL_WEIGHTS", "NLMEANS_WEIGHTS"]
 
 #: Candidates of ``final_weight="auto"``, from trusting the data most to trusting the network most.
 FINAL_WEIGHTS = (4.0, 2.0, 1.0, 0.7, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.025, 0.01)
 #: ``final_weight="auto"`` without enough held-out entries (fewer than ``MIN_HELD``) uses this.
 FALLBACK_FINAL_WEIGHT = 0.5
 MIN_HELD = 64
+#: ``fallback="nlmeans"``: the NL-means shares of the returned image that are scored on the held-out entries.
+NLMEANS_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def _caller_stacklevel() -> int:
@@ -100,8 +104,8 @@ class SolverOptions:
     # fused data terms: "holdout" returns the check with the lowest held-out error (needs
     # final_weight="auto" and enough held-out entries; else as "last"; replaces discrepancy)
     select: str = "last"
-    # fused Gaussian data terms with held-out entries: "nlmeans" returns NL-means of y instead of
-    # the NGR estimate when its estimated held-out error is clearly lower (Restoration.fallback_chosen)
+    # fused Gaussian data terms with held-out entries: "nlmeans" mixes NL-means of y into (or returns
+    # it instead of) the NGR estimate where the held-out error is clearly lower (Restoration.nlmeans_weight)
     fallback: str = "none"
     warmup: int = 0
     shared_trunk: bool = True
@@ -157,9 +161,12 @@ class _State:
     final_weight_at: int = -1  # the iteration it was chosen at
     best_fields: torch.Tensor | None = None  # select="holdout": the averaged gradient term of the best check
     final_score: float = math.inf  # estimated held-out error of the returned NGR image (final_weight="auto")
+    best_held: tuple | None = None  # select="holdout": (held-out prediction, hat weight) of the best check
+    final_held: tuple | None = None  # the same for the final_weight="auto" choice
     fallback_score: float | None = None  # fallback="nlmeans": estimated held-out error of NL-means
-    fallback_chosen: bool = False
-    fallback_at: int = -1  # the iteration fallback_chosen was decided at
+    nlmeans_weight: float = 0.0  # fallback="nlmeans": NL-means' share of the returned image
+    nlmeans_scores: list | None = None  # estimated held-out errors of the shares NLMEANS_WEIGHTS
+    fallback_at: int = -1  # the iteration nlmeans_weight was decided at
 
 
 class Restoration:
@@ -372,12 +379,12 @@ class Restoration:
                         st.stop_reason = "validation error stopped improving"
             elif self._select:
                 if k % opt.check_every == 0 or k == total:
-                    score, c = self._choose_final_weight()
+                    score, c, held_pred = self._choose_final_weight()
                     val = score
                     if score < st.best_score:
                         st.best_score, st.best_iteration = score, k
                         st.best, st.best_fields = current.detach().clone(), self.gavg.clone()
-                        st.final_weight, st.final_weight_at = c, k
+                        st.final_weight, st.final_weight_at, st.best_held = c, k, held_pred
                     if (k - st.best_iteration) >= opt.patience * opt.check_every and k >= opt.min_iterations:
                         stop = True
                         st.stop_reason = "held-out error stopped improving"
@@ -415,12 +422,20 @@ class Restoration:
     def estimate(self) -> torch.Tensor:
         """The chosen estimate, observed data re-inserted: the best held-out iterate (inpainting),
         the moving average re-solved with ``final_weight`` times the data weight (denoising)."""
-        if self.fallback_chosen():
+        alpha = self.nlmeans_weight()
+        if alpha > 0:
             if self._full_fallback is None:  # NL-means of every entry, held-out ones too
-                self._full_fallback = nl_means_planes(self.full_operator.initial_estimate().to(self.device),
-                                                      self.operator.sigma)
-            return self.full_operator.compose(self._full_fallback)
+                self._full_fallback = self._nl_means(self.full_operator.initial_estimate().to(self.device))
+            nlm = self.full_operator.compose(self._full_fallback)
+            return nlm if alpha >= 1 else (1 - alpha) * self._network_estimate() + alpha * nlm
         return self._network_estimate()
+
+    def _nl_means(self, x: torch.Tensor) -> torch.Tensor:
+        """The fallback's NL-means, :func:`~napari_ngr.operators.nl_means_stack` (leave-one-out, so
+        that its held-out error is honest): patches matched across the two planes on either side
+        of a stack with ``h = 0.6 sigma``, within the plane of a single image with ``0.8 sigma``
+        (five planes offer five times the candidates, each must be closer)."""
+        return nl_means_stack(x, self.operator.sigma, h=0.6 if x.shape[0] > 1 else 0.8)
 
     def _network_estimate(self) -> torch.Tensor:
         """:meth:`estimate` without the NL-means fallback."""
@@ -464,55 +479,75 @@ class Restoration:
         if st.best_fields is not None:  # select="holdout": chosen with the best check
             return st.final_weight
         if st.final_weight_at != st.iteration:
-            (st.final_score, st.final_weight), st.final_weight_at = self._choose_final_weight(), st.iteration
+            st.final_score, st.final_weight, st.final_held = self._choose_final_weight()
+            st.final_weight_at = st.iteration
         return st.final_weight
 
     def fallback_chosen(self) -> bool:
-        """Whether :meth:`estimate` returns NL-means of the observation instead of the NGR estimate.
+        """Whether :meth:`estimate` returns NL-means of the observation alone (:meth:`nlmeans_weight` 1)."""
+        return self.nlmeans_weight() >= 1.0
+
+    def nlmeans_weight(self) -> float:
+        """NL-means' share ``alpha`` of the returned image, ``(1 - alpha) NGR + alpha NL-means``.
 
         With ``fallback="nlmeans"`` (Gaussian denoising of images and stacks, by default), NL-means
-        of the observation with the held-out entries imputed (:func:`~napari_ngr.operators.nl_means_planes`,
-        the same as ``prefilter="nlmeans"``) is scored on those entries like the NGR estimate:
-        its mean squared difference to them less ``sigma^2`` (they are independent of it). Where its
-        estimated error is lower than the returned NGR image's (:meth:`final_weight`, or the best
-        check with ``select="holdout"``) by more than twice the standard error of that difference,
-        ``2 sigma rms(nlm - ngr) / sqrt(n)`` over the ``n`` held-out entries, NL-means of *all*
-        entries is returned: within its iteration budget the network did not beat the classical
-        filter on this image (on a CPU this happens on videos with motion, where each frame
-        differs from its neighbours).
+        of the observation with the held-out entries imputed is computed (:meth:`_nl_means`:
+        leave-one-out, with 2-D patches matched across neighbouring planes on a stack). Each ``alpha`` in :data:`NLMEANS_WEIGHTS` is
+        scored on those entries like the NGR estimate alone: with ``g`` the NGR image's prediction
+        of a held-out entry ``y`` from the other entries, ``a`` the weight the returned image gives
+        an entry's own value (its hat weight), ``v`` NL-means' prediction and
+        ``w1 = (1 - alpha)(1 - a)``, the mean squared error against the noise-free image is
+        estimated as ``mean((w1 (g - y) + alpha (v - y))^2) - (w1 + alpha)^2 sigma^2
+        + ((1 - alpha) a sigma)^2`` (``alpha = 0`` is :meth:`final_weight`'s estimate, ``alpha = 1``
+        NL-means' mean squared difference less ``sigma^2``). The lowest is used if it is below the
+        NGR image's by more than twice the standard error of that difference,
+        ``2 sigma alpha rms(nlm - ngr) / sqrt(n)`` over the ``n`` held-out entries (the noise's own
+        variance cancels); else ``alpha = 0``. Within its iteration budget the network may not beat
+        the classical filter (on a CPU: videos with motion, where each frame differs from its
+        neighbours), and the two often err in different places.
         """
         opt, st, op = self.opt, self.state, self.operator
         if (opt.fallback != "nlmeans" or self.noise_held is None or self.gavg is None
                 or op.fused_weight is None or not getattr(op, "sigma", None) or opt.final_weight != "auto"):
-            return False  # a fixed final weight has no held-out score to compare
+            return 0.0  # a fixed final weight has no held-out score to compare
         if st.fallback_at != st.iteration:
             held = self.noise_held
-            if self._fallback_nlm is None:
-                nlm = self._prefiltered
-                if nlm is None:  # held-out entries imputed: their values stay unseen
-                    nlm = nl_means_planes(op.initial_estimate().to(self.device), op.sigma)
-                self._fallback_nlm = nlm[held]
-                st.fallback_score = float(torch.mean((self._fallback_nlm - op.y[held]) ** 2)) - op.sigma ** 2
-            if st.best_fields is not None:  # select="holdout": the best check's score
-                ngr = st.best_score
+            y, s2 = op.y[held], op.sigma ** 2
+            if self._fallback_nlm is None:  # held-out entries imputed: their values stay unseen
+                self._fallback_nlm = self._nl_means(op.initial_estimate().to(self.device))[held]
+                st.fallback_score = float(torch.mean((self._fallback_nlm - y) ** 2)) - s2
+            if st.best_fields is not None:  # select="holdout": the best check's
+                g, a = st.best_held
             else:
                 self.final_weight()
-                ngr = st.final_score
+                g, a = st.final_held
+            v = self._fallback_nlm
+            scores = []
+            for alpha in NLMEANS_WEIGHTS:
+                w1 = (1 - alpha) * (1 - a)
+                e = w1 * (g - y) + alpha * (v - y)
+                scores.append(float(torch.mean(e * e)) - (w1 + alpha) ** 2 * s2 + ((1 - alpha) * a) ** 2 * s2)
+            k = int(np.argmin(scores))
+            alpha = NLMEANS_WEIGHTS[k]
             # Both errors are measured against the same noisy entries: their difference has the
-            # standard error 2 sigma rms(a - b) / sqrt(n) (the noise's own variance cancels), and
-            # NL-means must be better by twice that (tiny images: a few hundred entries decide).
-            d = self._fallback_nlm - self._network_estimate()[held]
+            # standard error 2 sigma rms(diff) / sqrt(n) (the noise's own variance cancels), and the
+            # mix must be better by twice that (tiny images: a few hundred entries decide).
+            d = alpha * (v - self._network_estimate()[held])
             se = 2 * op.sigma * float(torch.sqrt(torch.mean(d * d) / d.numel()))
-            st.fallback_chosen, st.fallback_at = st.fallback_score + 2 * se < ngr, st.iteration
-        return st.fallback_chosen
+            st.nlmeans_weight = alpha if scores[k] + 2 * se < scores[0] else 0.0
+            st.nlmeans_scores = scores
+            st.fallback_at = st.iteration
+        return st.nlmeans_weight
 
-    def _choose_final_weight(self) -> tuple[float, float]:
-        """``(estimated mean squared error, multiplier)`` of the best of :data:`FINAL_WEIGHTS`."""
+    def _choose_final_weight(self) -> tuple[float, float, tuple]:
+        """``(estimated mean squared error, multiplier, (held-out prediction, hat weight))`` of the
+        best of :data:`FINAL_WEIGHTS`."""
         op = self.operator
         held = self.noise_held
         y, w, s2 = op.y, op.fused_weight, op.sigma ** 2
         x = self.x
         scores = []
+        preds = {}
         for c in FINAL_WEIGHTS:
             wn = w * c
             for _ in range(50):  # held-out entries imputed: converges geometrically (their hat weight < 1)
@@ -524,10 +559,12 @@ class Restoration:
             err = float(torch.mean((x - y)[held] ** 2))
             a = self.grad.hat_trace(wn)
             scores.append(((1 - a) ** 2 * (err - s2) + a * a * s2, c))
+            preds[c] = (x[held].clone(), a)
             best = min(scores)
             if len(scores) - scores.index(best) > 2:  # two candidates past the minimum: it is behind us
                 break
-        return min(scores)
+        score, c = min(scores)
+        return score, c, preds[c]
 
     def gradients(self, est: torch.Tensor | None = None) -> dict:
         """Gradient maps of ``est`` (default: the returned estimate) along each regularized axis

@@ -365,8 +365,8 @@ class RestoreWidget(QWidget):
             "biharmonic start is returned when no iterate beats it). Denoising: single images (up to 4\n"
             "channels) return the check (every 25 iterations) that predicts 5 % held-out noisy pixels best\n"
             "and stop when it stops improving; stacks stop once the residual (input - estimate) is down\n"
-            "to the noise level (the discrepancy principle). Where NL-means of the input predicts the held-out\n"
-            "noisy pixels better than the network's estimate (videos with motion), NL-means is returned.\n"
+            "to the noise level (the discrepancy principle). Where NL-means of the input, or a mix of it and the\n"
+            "network's estimate, predicts the held-out noisy pixels better (videos with motion), that is returned.\n"
             "Off: the whole budget runs and the last iterate (denoising: the moving average) is returned.")
         self.run_button = QPushButton("Run")
         self.run_button.setToolTip("Start the restoration; while it runs, this button cancels it\n"
@@ -795,7 +795,7 @@ class RestoreWidget(QWidget):
         info = dict(source=st.source_name, task=st.task, device=device, iterations_run=int(res.iteration),
                     best_iteration=int(res.best_iteration), stop_reason=res.stop_reason,
                     sigma=None if res.sigma is None else float(res.sigma),
-                    final_weight=res.final_weight, method=res.method,
+                    final_weight=res.final_weight, method=res.method, nlmeans_weight=float(res.nlmeans_weight),
                     **{k: v for k, v in st.params.items() if k != "device"})
         kw = st.layer_kwargs
         added = []
@@ -814,8 +814,13 @@ class RestoreWidget(QWidget):
         sigma = f", σ={res.sigma:.3g}" if res.sigma is not None else ""
         if res.final_weight is not None:
             sigma += f", data weight ×{res.final_weight:g}"
-        what = (f"returned {res.method} of the input (lower held-out error)" if res.method != "NGR"
-                else f"returned iteration {res.best_iteration}")
+        if res.nlmeans_weight >= 1:
+            what = "returned NL-means of the input (lower held-out error)"
+        elif res.nlmeans_weight > 0:
+            what = (f"returned iteration {res.best_iteration} mixed with {res.nlmeans_weight:.0%} NL-means "
+                    "of the input (lower held-out error)")
+        else:
+            what = f"returned iteration {res.best_iteration}"
         self._finish(f"Done on {device}: {res.iteration} iterations, {what} ({how}{sigma}) → {name!r}")
         return added
 
