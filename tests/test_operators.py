@@ -211,6 +211,11 @@ def test_nl_means_stack_matches_its_definition():
     got = nl_means_stack(torch.from_numpy(x), 0.2, patch_size=3, patch_distance=2, plane_distance=1, h=0.6)
     ref = _nl_means_stack_direct(x.astype(np.float64), 0.2, 3, 2, 1, 0.6)
     np.testing.assert_allclose(got.numpy(), ref, atol=1e-5)
+    # Blocks of output planes (bounded work space on large stacks) give the same result.
+    for block in (1, 2 * 7 * 9 * 2):
+        blocked = nl_means_stack(torch.from_numpy(x), 0.2, patch_size=3, patch_distance=2, plane_distance=1,
+                                 h=0.6, block=block)
+        np.testing.assert_allclose(blocked.numpy(), got.numpy(), atol=1e-6)
 
 
 def test_nl_means_stack_finds_moving_structure_in_neighbouring_planes(moving_board):

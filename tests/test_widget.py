@@ -269,6 +269,7 @@ def test_denoising_reports_the_nlmeans_fallback(make_napari_viewer, qtbot, error
     assert w.last_result.method == "NL-means" and "NL-means" in w.status_label.text()
     out = viewer.layers[f"{image.name} restored"]
     assert out.metadata["napari_ngr"]["method"] == "NL-means"
+    assert out.metadata["napari_ngr"]["nlmeans_weight"] == 1.0
     assert psnr(board, out.data) > psnr(board, noisy) + 6
     w.early_stop_check.setChecked(False)
     click_run(qtbot, w)

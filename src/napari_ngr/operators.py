@@ -330,7 +330,7 @@ def nl_means_planes(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def nl_means_stack(x: torch.Tensor, sigma: float, *, patch_size: int = 5, patch_distance: int = 6,
-                   plane_distance: int = 2, h: float = 0.6) -> torch.Tensor:
+                   plane_distance: int = 2, h: float = 0.6, block: int = 1 << 22) -> torch.Tensor:
     """Leave-one-out non-local means of an ``(S, C, H, W)`` stack, 2-D patches matched across planes.
 
     Every entry becomes the weighted mean of the *other* entries whose ``patch_size`` x
@@ -347,18 +347,33 @@ def nl_means_stack(x: torch.Tensor, sigma: float, *, patch_size: int = 5, patch_
     weight of 1 would keep it in most of them). Borders are reflected. Runs on ``x``'s device.
     """
     S, C, H, W = x.shape
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    # Output planes in blocks of about 4 M entries (with their partner planes), so the work space
+    # stays a few block-sized buffers however large the stack; the result does not depend on it.
+    n = max(1, block // (C * H * W))
+    for s0 in range(0, S, n):
+        s1 = min(S, s0 + n)
+        a0, a1 = max(0, s0 - plane_distance), min(S, s1 + plane_distance)
+        out[s0:s1] = _nl_means_block(x[a0:a1].float(), s0 - a0, s1 - a0, sigma, patch_size,
+                                     patch_distance, plane_distance, h)
+    return out.to(x.dtype)
+
+
+def _nl_means_block(x, o0, o1, sigma, patch_size, patch_distance, plane_distance, h):
+    """:func:`nl_means_stack` of planes ``o0:o1`` of ``x``, whose partners are the planes of ``x``."""
+    S, C, H, W = x.shape
     p = patch_size // 2
     pad = patch_distance + p
     mode = "reflect" if pad < min(H, W) else "replicate"
-    xp = torch.nn.functional.pad(x.float(), (pad, pad, pad, pad), mode=mode)
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode=mode)
     c = patch_distance
     ref = xp[:, :, c:c + H + 2 * p, c:c + W + 2 * p]  # every entry with its patch border
     inv_h2 = 1.0 / (h * sigma) ** 2
     floor = 2.0 * sigma ** 2
-    acc = torch.zeros_like(x, dtype=torch.float32)
-    wsum = torch.zeros((S, 1, H, W), dtype=acc.dtype, device=x.device)
+    acc = torch.zeros((o1 - o0, C, H, W), dtype=x.dtype, device=x.device)
+    wsum = torch.zeros((o1 - o0, 1, H, W), dtype=x.dtype, device=x.device)
     for dt in range(-plane_distance, plane_distance + 1):
-        lo, hi = max(0, -dt), min(S, S - dt)  # planes s whose partner s + dt exists
+        lo, hi = max(o0, -dt), min(o1, S - dt)  # output planes s whose partner s + dt exists
         if lo >= hi:
             continue
         for dy in range(-patch_distance, patch_distance + 1):
@@ -369,9 +384,9 @@ def nl_means_stack(x: torch.Tensor, sigma: float, *, patch_size: int = 5, patch_
                 d = ((ref[lo:hi] - other) ** 2).mean(dim=1, keepdim=True)
                 d = torch.nn.functional.avg_pool2d(d, patch_size, stride=1)
                 w = torch.exp((floor - d).clamp(max=0.0) * inv_h2)
-                acc[lo:hi] += w * other[:, :, p:p + H, p:p + W]
-                wsum[lo:hi] += w
-    return torch.where(wsum > 0, acc / wsum.clamp(min=1e-30), x.float()).to(x.dtype)
+                acc[lo - o0:hi - o0] += w * other[:, :, p:p + H, p:p + W]
+                wsum[lo - o0:hi - o0] += w
+    return torch.where(wsum > 0, acc / wsum.clamp(min=1e-30), x[o0:o1])
 
 
 def median3(y: np.ndarray) -> np.ndarray:
