@@ -72,10 +72,10 @@ DEFAULTS = {
     # camera, -0.1 dB on brick. Stacks and spectra keep the Gaussian guide of the estimate,
     # refreshed: a per-plane NL-means ignores the third axis that NGR uses there (synthetic Z-stack:
     # -0.9 dB with it).
-    # ``fallback="nlmeans"``: NL-means (per plane on single images; on stacks with 2-D patches matched
-    # across +-2 planes, nl_means_stack) and mixes of it with the NGR image compete with the NGR image
-    # on the held-out entries (Restoration.nlmeans_weight). Measured on 7 stacks (README): NL-means
-    # returned on the camera-pan video (31.69 dB against NGR 28.44); see the README for the rest.
+    # ``fallback="nlmeans"``: a leave-one-out NL-means (nl_means_stack; on stacks with 2-D patches
+    # matched across +-2 planes) and mixes of it with the NGR image compete with the NGR image on the
+    # held-out entries (Restoration.nlmeans_weight). Measured (README): NL-means returned on the
+    # camera-pan video (31.66 dB against NGR 28.44), mixes on a time-lapse and two nuclei crops.
     # Not for spectra (``band_options``).
     "denoise": dict(iterations=600, mixed_iterations=250, spatial_weight=1.0, channel_weight=0.5, stack_weight=0.5,
                     band_weight=2.0,

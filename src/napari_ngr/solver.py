@@ -494,9 +494,9 @@ class Restoration:
         of the observation with the held-out entries imputed is computed (:meth:`_nl_means`:
         leave-one-out, with 2-D patches matched across neighbouring planes on a stack). Each
         ``alpha`` in :data:`NLMEANS_WEIGHTS` is scored on those entries like the NGR estimate
-        alone: with ``g`` the NGR image's prediction
-        of a held-out entry ``y`` from the other entries, ``a`` the weight the returned image gives
-        an entry's own value (its hat weight), ``v`` NL-means' prediction and
+        alone: with ``g`` the NGR image's prediction of a held-out entry ``y`` from the other
+        entries, ``a`` the weight the returned image gives an entry's own value (its hat weight),
+        ``v`` NL-means' prediction and
         ``w1 = (1 - alpha)(1 - a)``, the mean squared error against the noise-free image is
         estimated as ``mean((w1 (g - y) + alpha (v - y))^2) - (w1 + alpha)^2 sigma^2
         + ((1 - alpha) a sigma)^2`` (``alpha = 0`` is :meth:`final_weight`'s estimate, ``alpha = 1``
