@@ -64,7 +64,7 @@ def main(argv=None):
     job = napari_ngr.prepare_inpaint(damaged, mask, channel_axis=-1, device=args.device)
     res = job.run(_progress("inpaint"))
     print(f"\rinpaint: {res.iteration} iterations on {job.device} in {time.perf_counter() - t:.1f} s, "
-          f"returned iteration {res.best_iteration} ({res.stop_reason})")
+          f"returned iteration {res.best_iteration} ({res.stop_reason}; start: {res.start})")
     psnr = lambda x: peak_signal_noise_ratio(clean, np.clip(x, 0, 255).astype(np.float64), data_range=255)  # noqa: E731
     print(f"  PSNR damaged {psnr(damaged):.2f} dB -> restored {psnr(res.image):.2f} dB")
     restored = np.clip(np.round(res.image), 0, 255).astype(np.uint8)

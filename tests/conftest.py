@@ -43,6 +43,15 @@ def moving_board():
     return board, noisy
 
 
+@pytest.fixture(scope="session")
+def brick96():
+    """A 96x96 crop of skimage's brick (regular texture, grey, [0, 1]) and a 30 % observed mask."""
+    from skimage import data
+
+    img = data.brick()[100:196, 100:196] / 255.0
+    return img, np.random.default_rng(0).random(img.shape) < 0.3
+
+
 def psnr(ref, x, mask=None):
     ref = np.asarray(ref, np.float64)
     x = np.asarray(x, np.float64)

@@ -152,6 +152,34 @@ def test_iterate_cancel_keeps_best_and_previews(gray48):
     assert psnr(gray48, res.image, missing) > psnr(gray48, img, missing) + 10
 
 
+def test_inpaint_start_is_chosen_on_held_out_entries(brick96):
+    """``start="auto"`` keeps the biharmonic fill on a smooth image (where it is nearly exact) and
+    takes the sparse block-DCT fill on texture, judging by the held-out entries only; the loop
+    then starts from it, and a forced start is honoured."""
+    img, obs = brick96
+    job = napari_ngr.prepare_inpaint(np.where(obs, img, 0.0), ~obs, iterations=2)
+    r = job._r
+    assert r.start_name == "dct" and r.start_errors["dct"] < 0.9 * r.start_errors["biharmonic"]
+    res = job.run()
+    assert res.start == "dct"
+    bh = napari_ngr.prepare_inpaint(np.where(obs, img, 0.0), ~obs, iterations=2, start="biharmonic").run()
+    assert bh.start == "biharmonic"
+    assert psnr(img, res.image, ~obs) > psnr(img, bh.image, ~obs) + 2
+    yy, xx = np.mgrid[:64, :64]
+    smooth = 0.3 + 0.4 * np.exp(-((yy - 30) ** 2 + (xx - 36) ** 2) / 300.0) + 0.002 * xx
+    miss = np.random.default_rng(0).random(smooth.shape) > 0.3
+    job = napari_ngr.prepare_inpaint(np.where(miss, 0.0, smooth), miss, iterations=2)
+    assert job._r.start_name == "biharmonic" and set(job._r.start_errors) == {"biharmonic", "dct"}
+    assert job._r.start_errors["dct"] > job._r.start_errors["biharmonic"]
+    # The budget ends within the warm-up: the start is returned, rebuilt from every observed entry
+    # with the fill that was chosen.
+    from skimage.restoration import inpaint_biharmonic
+
+    res = job.run()
+    assert res.best_iteration <= 2 and res.start == "biharmonic"
+    np.testing.assert_allclose(res.image, inpaint_biharmonic(np.where(miss, 0.0, smooth), miss), atol=1e-5)
+
+
 def test_callback_and_validation_selection(gray48):
     missing = np.random.default_rng(2).random(gray48.shape) < 0.5
     records = []
@@ -187,6 +215,7 @@ def test_device_auto_and_cpu():
         (dict(channel_axis=5), "out of range"),
         (dict(device="nonsense"), "device"),
         (dict(iterations=0), "iterations"),
+        (dict(start="bogus"), "start must be"),
     ],
 )
 def test_inpaint_errors(kwargs, match):

@@ -231,3 +231,40 @@ def test_nl_means_stack_finds_moving_structure_in_neighbouring_planes(moving_boa
     assert psnr(board, own) > psnr(board, noisy) + 4
     assert psnr(board, across) > psnr(board, own) + 3
     assert across.dtype == np.float32 and across.shape == noisy.shape
+
+
+def test_dct_fill_keeps_observed_entries_and_restores_texture_biharmonic_smooths(brick96):
+    """The sparse block-DCT fill re-inserts every observed entry, is deterministic, and on
+    regular texture beats the biharmonic fill it starts from by more than 2 dB on the missing
+    entries (measured: +4.4 dB on this crop)."""
+    from conftest import psnr
+    from napari_ngr.operators import Inpainting, dct_fill
+
+    img, obs = brick96
+    y = torch.from_numpy(np.where(obs, img, 0.0)[None, None].astype(np.float32))
+    o = torch.from_numpy(obs)[None, None]
+    bh = Inpainting(y, o, start="biharmonic").initial_estimate()
+    filled = dct_fill(y, o, bh)
+    assert filled.shape == y.shape and filled.dtype == torch.float32
+    np.testing.assert_array_equal(filled.numpy()[0, 0][obs], y.numpy()[0, 0][obs])
+    assert psnr(img, filled.numpy()[0, 0], ~obs) > psnr(img, bh.numpy()[0, 0], ~obs) + 2
+    assert torch.equal(dct_fill(y, o, bh), filled)
+    # Channels: an RGB image with different masks per channel uses the other channels' entries.
+    rgb = np.stack([img, 0.8 * img + 0.1, 0.6 * img + 0.2])
+    obs3 = np.random.default_rng(1).random(rgb.shape) < 0.3
+    y3 = torch.from_numpy(np.where(obs3, rgb, 0.0)[None].astype(np.float32))
+    o3 = torch.from_numpy(obs3)[None]
+    bh3 = Inpainting(y3, o3, start="biharmonic").initial_estimate()
+    assert psnr(rgb, dct_fill(y3, o3, bh3).numpy()[0], ~obs3) > psnr(rgb, bh3.numpy()[0], ~obs3) + 2
+
+
+def test_dct_fill_handles_planes_smaller_than_a_block():
+    from napari_ngr.operators import dct_fill
+
+    y = torch.from_numpy(np.random.default_rng(0).random((2, 1, 5, 6)).astype(np.float32))
+    o = torch.ones_like(y, dtype=torch.bool)
+    o[:, :, 2, 3] = False
+    out = dct_fill(y, o, torch.where(o, y, torch.full_like(y, 0.5)))
+    assert out.shape == y.shape and bool(torch.isfinite(out).all())
+    assert torch.equal(out[o], y[o])
+    assert float(out[:, :, 2, 3].min()) >= 0.0 and float(out[:, :, 2, 3].max()) <= 1.0

@@ -134,6 +134,7 @@ def test_run_timelapse_inpainting_end_to_end(make_napari_viewer, qtbot, errors):
     np.testing.assert_allclose(restored.translate, image.translate)
     assert restored.axis_labels == image.axis_labels
     assert restored.metadata["lab"] == "x" and restored.metadata["napari_ngr"]["role"] == "restored"
+    assert restored.metadata["napari_ngr"]["start"] == w.last_result.start in ("biharmonic", "dct")
     for axis in "tyx":
         g = viewer.layers[f"{name} \u2207{axis}"]
         assert g.data.shape == image.data.shape and not g.visible and not g.rgb
@@ -351,6 +352,7 @@ def test_decloud_time_series(make_napari_viewer, qtbot, errors, rgb):
     assert restored.data.shape == cloudy.shape and restored.rgb == rgb
     np.testing.assert_allclose(restored.scale, image.scale)
     assert restored.metadata["napari_ngr"]["task"] == "decloud"
+    assert restored.metadata["napari_ngr"]["start"] == "temporal"
     m = np.broadcast_to((mask[..., None] if rgb else mask) != 0, cloudy.shape)
     np.testing.assert_array_equal(restored.data[~m], cloudy[~m])  # clear pixels: exactly the input
     err_in, err_out = np.abs(cloudy[m] - clean[m]).mean(), np.abs(restored.data[m] - clean[m]).mean()

@@ -901,10 +901,12 @@ def _run_one(item: _Item, args, task, device, rep: _Reporter, prefix: str):
         target = f"{item.out}" + (f" (+{n_grad} gradient file(s))" if n_grad else "")
     else:
         target = f"{', '.join(p.name for p in written)} (missing gradient file(s); {item.out.name} kept)"
+    if res.start is not None:
+        extra += f", start {res.start}"
     item.reason = (f"{res.iteration} iterations in {elapsed:.1f} s on {device}, returned iteration "
                    f"{res.best_iteration} ({res.stop_reason}{extra})")
     warmup = DEFAULTS[task]["options"].get("warmup", 0) if task in MASK_TASKS else 0
-    start = "temporal-fill" if task == "decloud" else "interpolated"
+    start = {"temporal": "temporal-fill", "dct": "block-DCT"}.get(res.start, "biharmonic")
     if warmup and res.iteration <= warmup:
         item.reason += f"; the budget ended within the {warmup}-iteration warm-up: the {start} start was returned"
     elif warmup and res.best_iteration <= warmup:

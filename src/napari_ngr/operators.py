@@ -12,10 +12,12 @@ All tensors are in the solver's internal layout ``(S, C, H, W)``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-__all__ = ["Operator", "Inpainting", "Denoising", "MixedNoise", "nl_means_planes", "nl_means_stack"]
+__all__ = ["Operator", "Inpainting", "Denoising", "MixedNoise", "nl_means_planes", "nl_means_stack", "dct_fill"]
 
 
 class Operator:
@@ -53,17 +55,21 @@ class Inpainting(Operator):
         Observation (values at missing entries are ignored).
     observed : bool tensor
         True where ``y`` was observed; broadcastable to ``y``.
-    start : {"biharmonic", "temporal"}
+    start : {"biharmonic", "dct", "auto", "temporal"}
         The initial fill (:meth:`initial_estimate`): ``"biharmonic"`` interpolates every plane
-        on its own; ``"temporal"`` (multi-temporal stacks, time = internal dim 0) copies each
-        missing entry from the nearest clear date after a per-band gain/offset fit
-        (:meth:`temporal_fill`).
+        on its own; ``"dct"`` refines that fill by sparsity in overlapping block DCTs
+        (:func:`dct_fill`); ``"auto"`` offers both to the solver, which keeps the one with the
+        lower error on its held-out entries (:meth:`start_candidates`); ``"temporal"``
+        (multi-temporal stacks, time = internal dim 0) copies each missing entry from the
+        nearest clear date after a per-band gain/offset fit (:meth:`temporal_fill`).
     """
+
+    STARTS = ("biharmonic", "dct", "auto", "temporal")
 
     def __init__(self, y: torch.Tensor, observed: torch.Tensor, start: str = "biharmonic"):
         super().__init__(y)
-        if start not in ("biharmonic", "temporal"):
-            raise ValueError(f"start must be 'biharmonic' or 'temporal', got {start!r}")
+        if start not in self.STARTS:
+            raise ValueError(f"start must be one of {', '.join(map(repr, self.STARTS))}, got {start!r}")
         self.observed = observed.expand_as(y)
         self.start = start
 
@@ -79,11 +85,23 @@ class Inpainting(Operator):
 
     def initial_estimate(self) -> torch.Tensor:
         """Initial fill: :meth:`temporal_fill` if ``start="temporal"``, else biharmonic per plane
-        (smooth, accurate), or normalized convolution for very large problems."""
+        (smooth, accurate), or normalized convolution for very large problems; with
+        ``start="dct"`` or ``"auto"`` that fill refined by :func:`dct_fill`."""
         if self.start == "temporal":
             return self.temporal_fill()
-        n_missing = int((~self.observed).sum())
-        if n_missing <= self.biharmonic_limit:
+        base = self._spatial_fill()
+        return base if self.start == "biharmonic" else dct_fill(self.y, self.observed, base)
+
+    def start_candidates(self) -> dict:
+        """The initial fills the solver may choose from: ``{"biharmonic": ..., "dct": ...}`` for
+        ``start="auto"`` (the DCT fill is computed from the biharmonic one), else the one fill."""
+        if self.start != "auto":
+            return {self.start: self.initial_estimate()}
+        base = self._spatial_fill()
+        return {"biharmonic": base, "dct": dct_fill(self.y, self.observed, base)}
+
+    def _spatial_fill(self) -> torch.Tensor:
+        if int((~self.observed).sum()) <= self.biharmonic_limit:
             return self.biharmonic_fill()
         return self.normalized_convolution_fill()
 
@@ -245,6 +263,86 @@ class Inpainting(Operator):
         draw = torch.rand((1, 1, H, W), generator=generator, device="cpu").to(obs.device)
         held = obs & (draw < fraction)
         return Inpainting(self.y, obs & ~held, start=self.start), held
+
+
+def _dct_matrix(n: int, device, dtype=torch.float32) -> torch.Tensor:
+    """Orthonormal DCT-II matrix (rows are the basis vectors)."""
+    k = torch.arange(n, dtype=torch.float64)
+    m = torch.cos(math.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * n)) * math.sqrt(2.0 / n)
+    m[0] /= math.sqrt(2.0)
+    return m.to(device=device, dtype=dtype)
+
+
+def dct_fill(y: torch.Tensor, observed: torch.Tensor, start: torch.Tensor, *, block: int = 8,
+             iterations: int = 100, thresholds: tuple = (0.2, 0.005), step: int | None = None,
+             max_channels: int = 16, seed: int = 0) -> torch.Tensor:
+    """Fill missing entries by sparsity in overlapping block DCTs (iterative hard thresholding).
+
+    Starting from ``start``, each iteration transforms the estimate in ``block`` x ``block``
+    blocks of every plane (a 2-D DCT; with 2 to ``max_channels`` channels, also an orthonormal
+    DCT across the channels: for RGB, luminance and two colour differences), sets to zero the
+    coefficients below a threshold (the blocks' means are kept), transforms back, averages the
+    block grids shifted by multiples of ``step`` (``block // 2``: 4 grids, offset at random
+    each iteration) and re-inserts the observed entries. The threshold falls geometrically from
+    ``thresholds[0]`` to ``thresholds[1]`` (intensities normalized to [0, 1]) over
+    ``iterations``. This is the classical sparse-inpainting scheme (Guleryuz 2006; Elad et al.
+    2005): missing entries take the values whose local spectra are sparsest, which keeps edges
+    and texture that a biharmonic fill smooths away.
+
+    Parameters
+    ----------
+    y : (S, C, H, W) tensor
+        Observation, intensities in about [0, 1].
+    observed : bool tensor, broadcastable to ``y``
+        True where ``y`` was observed (kept exactly).
+    start : (S, C, H, W) tensor
+        The initial fill (e.g. biharmonic).
+
+    Returns
+    -------
+    (S, C, H, W) tensor
+
+    Notes
+    -----
+    Cost: about 2 s for a 256 x 256 RGB image on 2 CPU cores (100 iterations). Deterministic
+    given ``seed``.
+    """
+    F = torch.nn.functional
+    obs = observed.expand_as(y)
+    if bool(obs.all()):
+        return y.clone()
+    S, C, H, W = y.shape
+    b = int(block)
+    step = max(1, int(step) if step else b // 2)
+    dev, dt = y.device, torch.float32
+    D = _dct_matrix(b, dev, dt)
+    Dc = _dct_matrix(C, dev, dt) if 1 < C <= max_channels else None
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    mode = "reflect" if min(H, W) > b else "replicate"
+    t0, t1 = (float(t) for t in thresholds)
+    x = torch.where(obs, y, start).to(dt)
+    yv = y.to(dt)
+    grid = [(i, j) for i in range(0, b, step) for j in range(0, b, step)]
+    for k in range(int(iterations)):
+        t = t0 * (t1 / t0) ** (k / max(int(iterations) - 1, 1))
+        off = torch.randint(0, step, (2,), generator=gen).tolist()
+        xp = F.pad(x, (b, b, b, b), mode=mode)
+        acc = torch.zeros_like(x)
+        for gy, gx in grid:
+            dy, dx = gy + off[0], gx + off[1]
+            lh, lw = -(-(H + dy) // b) * b, -(-(W + dx) // b) * b
+            r = xp[:, :, b - dy:b - dy + lh, b - dx:b - dx + lw].reshape(S, C, lh // b, b, lw // b, b)
+            if Dc is not None:
+                r = torch.einsum("mc,scaibj->smaibj", Dc, r)
+            c = torch.einsum("pi,smaibj,qj->smapbq", D, r, D)
+            keep = c.abs() > t
+            keep[:, :, :, 0, :, 0] = True  # the blocks' means
+            c = torch.einsum("pi,smapbq,qj->smaibj", D, c * keep, D)
+            if Dc is not None:
+                c = torch.einsum("mc,smaibj->scaibj", Dc, c)
+            acc += c.reshape(S, C, lh, lw)[:, :, dy:dy + H, dx:dx + W]
+        x = torch.where(obs, yv, acc / len(grid))
+    return x.to(y.dtype)
 
 
 class Denoising(Operator):

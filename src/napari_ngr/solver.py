@@ -23,6 +23,8 @@ No ground truth is used anywhere. Which iterate is returned (see :class:`Restora
   and used as a validation set. Every ``check_every`` iterations the validation error of ``x`` is
   measured; the iterate with the lowest error is kept, and the loop stops early after
   ``patience`` checks without improvement. The returned image re-inserts *all* observed entries.
+  The same held-out entries choose the start (``Inpainting(start="auto")``): the biharmonic fill,
+  or its sparse block-DCT refinement where that predicts them clearly better (``START_MARGIN``).
 * denoising: an exponential moving average of the iterates (as in the reference code). The loop
   stops by the *discrepancy principle* (``discrepancy``): the network learns fine detail last, so
   the residual ``y - x`` shrinks as the iterations go on; once its variance falls to what exact
@@ -66,6 +68,11 @@ FALLBACK_FINAL_WEIGHT = 0.5
 MIN_HELD = 64
 #: ``fallback="nlmeans"``: the NL-means shares of the returned image that are scored on the held-out entries.
 NLMEANS_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: Inpainting with ``start="auto"``: how much lower (relative) another fill's held-out error must
+#: be to replace the biharmonic one (differences of a few % are within the held-out sampling noise:
+#: measured on a time-lapse and a Z-stack, where the DCT fill was 0.3 / 0.8 dB worse at 1 % / 6 %
+#: lower held-out error).
+START_MARGIN = 0.10
 
 
 def _caller_stacklevel() -> int:
@@ -232,7 +239,30 @@ class Restoration:
         self.weights = {dim: w for name, (dim, w) in self.axes.items()}
         self.grad = GradientSolver(self.shape, self.weights, device=self.device)
         planes = S * C
-        self.x = self.operator.initial_estimate().to(self.device)
+        #: Inpainting: the initial fill used and each candidate's mean squared error on the held-out
+        #: entries. ``start="auto"``: the first candidate (biharmonic) unless another one has an error
+        #: at least START_MARGIN (10 %) lower, and lower by more than one standard error of the paired
+        #: difference; the first one where nothing is held out.
+        self.start_name, self.start_errors = None, {}
+        if isinstance(self.operator, Inpainting):
+            cands = self.operator.start_candidates()
+            name = next(iter(cands))
+            if len(cands) > 1 and self.held is not None:
+                y_held = self.full_operator.y[self.held]
+                sq = {k: (v.to(self.device)[self.held] - y_held) ** 2 for k, v in cands.items()}
+                self.start_errors = {k: float(e.mean()) for k, e in sq.items()}
+                best = name
+                for k, e in sq.items():
+                    d = (e - sq[name]).double()
+                    if (float(d.mean() + d.std() / math.sqrt(d.numel())) < 0
+                            and self.start_errors[k] <= (1 - START_MARGIN) * self.start_errors[name]
+                            and self.start_errors[k] < self.start_errors[best]):
+                        best = k
+                name = best
+            self.start_name = name
+            self.x = cands[name].to(self.device)
+        else:
+            self.x = self.operator.initial_estimate().to(self.device)
         if options.prefilter not in ("none", "nlmeans"):
             raise ValueError(f"prefilter must be 'none' or 'nlmeans', got {options.prefilter!r}")
         if options.select not in ("last", "holdout"):
@@ -441,9 +471,14 @@ class Restoration:
         """:meth:`estimate` without the NL-means fallback."""
         st = self.state
         if self.held is not None and st.best is not None and st.best_iteration <= self.opt.warmup:
-            # The start won the validation: rebuild it from *all* observed entries.
+            # The start won the validation: rebuild it (the fill chosen) from *all* observed entries.
             if self._full_start is None:
-                self._full_start = self.full_operator.initial_estimate().to(self.device)
+                op = self.full_operator
+                if isinstance(op, Inpainting) and self.start_name not in (None, op.start):
+                    full = Inpainting(op.y, op.observed, start=self.start_name)
+                    full.biharmonic_limit = op.biharmonic_limit
+                    op = full
+                self._full_start = op.initial_estimate().to(self.device)
             return self.full_operator.compose(self._full_start)
         best = st.best if st.best is not None else self.x
         op = self.operator
