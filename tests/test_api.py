@@ -154,12 +154,15 @@ def test_iterate_cancel_keeps_best_and_previews(gray48):
 
 def test_inpaint_start_is_chosen_on_held_out_entries(brick96):
     """``start="auto"`` keeps the biharmonic fill on a smooth image (where it is nearly exact) and
-    takes the sparse block-DCT fill on texture, judging by the held-out entries only; the loop
-    then starts from it, and a forced start is honoured."""
+    takes the sparse block-DCT fill on periodic texture (where it beats the patch-group fill),
+    judging by the held-out entries only; the loop then starts from it, and a forced start is
+    honoured."""
     img, obs = brick96
     job = napari_ngr.prepare_inpaint(np.where(obs, img, 0.0), ~obs, iterations=2)
     r = job._r
+    assert set(r.start_errors) == {"biharmonic", "dct", "nonlocal"}
     assert r.start_name == "dct" and r.start_errors["dct"] < 0.9 * r.start_errors["biharmonic"]
+    assert r.start_errors["dct"] < r.start_errors["nonlocal"]
     res = job.run()
     assert res.start == "dct"
     bh = napari_ngr.prepare_inpaint(np.where(obs, img, 0.0), ~obs, iterations=2, start="biharmonic").run()
@@ -169,7 +172,7 @@ def test_inpaint_start_is_chosen_on_held_out_entries(brick96):
     smooth = 0.3 + 0.4 * np.exp(-((yy - 30) ** 2 + (xx - 36) ** 2) / 300.0) + 0.002 * xx
     miss = np.random.default_rng(0).random(smooth.shape) > 0.3
     job = napari_ngr.prepare_inpaint(np.where(miss, 0.0, smooth), miss, iterations=2)
-    assert job._r.start_name == "biharmonic" and set(job._r.start_errors) == {"biharmonic", "dct"}
+    assert job._r.start_name == "biharmonic" and set(job._r.start_errors) == {"biharmonic", "dct", "nonlocal"}
     assert job._r.start_errors["dct"] > job._r.start_errors["biharmonic"]
     # The budget ends within the warm-up: the start is returned, rebuilt from every observed entry
     # with the fill that was chosen.

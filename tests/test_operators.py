@@ -258,6 +258,46 @@ def test_dct_fill_keeps_observed_entries_and_restores_texture_biharmonic_smooths
     assert psnr(rgb, dct_fill(y3, o3, bh3).numpy()[0], ~obs3) > psnr(rgb, bh3.numpy()[0], ~obs3) + 2
 
 
+def test_nonlocal_fill_keeps_observed_entries_and_beats_the_dct_fill_on_a_photo():
+    """The patch-group fill re-inserts every observed entry, is deterministic, and on a natural
+    RGB crop (30 % of pixels observed) beats the block-DCT fill it starts from on the missing
+    entries (measured: 26.44 against 26.00 dB, biharmonic 25.16)."""
+    from conftest import psnr
+    from skimage import data
+    from skimage.transform import resize
+
+    from napari_ngr.operators import Inpainting, dct_fill, nonlocal_fill
+
+    g = resize(data.astronaut(), (256, 256), anti_aliasing=True)[64:128, 96:160].transpose(2, 0, 1)
+    obs = np.random.default_rng(2).random(g.shape[1:]) < 0.3
+    y = torch.from_numpy(np.where(obs, g, 0.0)[None].astype(np.float32))
+    o = torch.from_numpy(obs)[None, None]
+    miss = np.broadcast_to(~obs, g.shape)
+    d = dct_fill(y, o, Inpainting(y, o, start="biharmonic").initial_estimate())
+    filled = nonlocal_fill(y, o, d)
+    assert filled.shape == y.shape and filled.dtype == torch.float32
+    np.testing.assert_array_equal(filled.numpy()[0][:, obs], y.numpy()[0][:, obs])
+    assert psnr(g, filled.numpy()[0], miss) > psnr(g, d.numpy()[0], miss) + 0.25
+    assert torch.equal(nonlocal_fill(y, o, d), filled)
+
+
+def test_nonlocal_fill_leaves_what_it_cannot_group():
+    """Planes smaller than a patch, and more than 16 channels, keep the start (observed entries
+    re-inserted); a 9 x 9 plane (one candidate row of patches) still works."""
+    from napari_ngr.operators import nonlocal_fill
+
+    rng = np.random.default_rng(0)
+    for shape in ((2, 1, 5, 6), (1, 20, 16, 16)):
+        y = torch.from_numpy(rng.random(shape).astype(np.float32))
+        o = torch.from_numpy(rng.random(shape) < 0.5)
+        start = torch.full_like(y, 0.5)
+        assert torch.equal(nonlocal_fill(y, o, start), torch.where(o, y, start))
+    y = torch.from_numpy(rng.random((1, 3, 9, 9)).astype(np.float32))
+    o = torch.from_numpy(rng.random((1, 1, 9, 9)) < 0.5)
+    out = nonlocal_fill(y, o, torch.full_like(y, 0.5))
+    assert bool(torch.isfinite(out).all()) and torch.equal(out[o.expand_as(y)], y[o.expand_as(y)])
+
+
 def test_dct_fill_handles_planes_smaller_than_a_block():
     from napari_ngr.operators import dct_fill
 

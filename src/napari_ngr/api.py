@@ -121,8 +121,8 @@ class RestorationResult:
         NL-means' share of the returned image, ``(1 - w) NGR + w NL-means``: 0, 0.25, 0.5, 0.75
         or 1, chosen on the held-out entries (0 without ``fallback="nlmeans"``).
     start : str or None
-        For inpainting, the solver's initial fill: ``"biharmonic"``, ``"dct"`` (see
-        :func:`inpaint`) or ``"temporal"`` (:func:`decloud`); None for denoising.
+        For inpainting, the solver's initial fill: ``"biharmonic"``, ``"dct"``, ``"nonlocal"``
+        (see :func:`inpaint`) or ``"temporal"`` (:func:`decloud`); None for denoising.
     """
 
     image: np.ndarray
@@ -335,8 +335,8 @@ def prepare_inpaint(image, mask, *, channel_axis=None, axes=None, iterations=Non
     """Prepare :func:`inpaint` without running it; see :func:`inpaint` for the parameters."""
     a = _check_image(image, finite=False)  # NaN/inf allowed where the mask marks entries missing
     layout = resolve_layout(a.shape, channel_axis, axes)
-    if start not in ("auto", "dct", "biharmonic"):
-        raise ValueError(f"start must be 'auto', 'dct' or 'biharmonic', got {start!r}")
+    if start not in ("auto", "nonlocal", "dct", "biharmonic"):
+        raise ValueError(f"start must be 'auto', 'nonlocal', 'dct' or 'biharmonic', got {start!r}")
     return _prepare_missing("inpaint", a, layout, _check_mask(mask), iterations=iterations,
                             spatial_weight=spatial_weight, channel_weight=channel_weight, stack_weight=stack_weight,
                             seed=seed, device=device, preview_every=preview_every, options=options, start=start)
@@ -410,13 +410,16 @@ def inpaint(image, mask, *, channel_axis=None, axes=None, iterations=None, spati
         Called with a :class:`~napari_ngr.solver.Progress` record after every iteration.
     return_gradients : bool
         Also return the per-axis gradient maps of the result.
-    start : {"auto", "dct", "biharmonic"}
-        The solver's initial fill: biharmonic interpolation of every plane, or that fill refined
-        by sparsity in overlapping 8 x 8 block DCTs (:func:`napari_ngr.operators.dct_fill`);
-        ``"auto"`` computes both and starts from the DCT fill only where its error on the
-        held-out entries (see Notes) is at least 10 % lower, and lower beyond one standard error
-        (``napari_ngr.solver.START_MARGIN``); it gains most on texture and colour, and on
-        entries missing in some channels only.
+    start : {"auto", "nonlocal", "dct", "biharmonic"}
+        The solver's initial fill: biharmonic interpolation of every plane; that fill refined
+        by sparsity in overlapping 8 x 8 block DCTs (``"dct"``,
+        :func:`napari_ngr.operators.dct_fill`); or the DCT fill refined by sparsity in groups of
+        similar 8 x 8 patches (``"nonlocal"``, :func:`napari_ngr.operators.nonlocal_fill`; planes
+        of at least 8 x 8 pixels with at most 16 channels). ``"auto"`` computes all three and
+        leaves biharmonic only for a fill whose error on the held-out entries (see Notes) is at
+        least 10 % lower, and lower beyond one standard error (``napari_ngr.solver.START_MARGIN``),
+        taking the lowest such; the refined fills gain most on texture, repeated structure and
+        colour, and on entries missing in some channels only.
     **options
         Advanced solver options (:class:`~napari_ngr.solver.SolverOptions`), e.g. ``channels``.
 

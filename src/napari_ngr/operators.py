@@ -55,16 +55,17 @@ class Inpainting(Operator):
         Observation (values at missing entries are ignored).
     observed : bool tensor
         True where ``y`` was observed; broadcastable to ``y``.
-    start : {"biharmonic", "dct", "auto", "temporal"}
+    start : {"biharmonic", "dct", "nonlocal", "auto", "temporal"}
         The initial fill (:meth:`initial_estimate`): ``"biharmonic"`` interpolates every plane
         on its own; ``"dct"`` refines that fill by sparsity in overlapping block DCTs
-        (:func:`dct_fill`); ``"auto"`` offers both to the solver, which keeps the one with the
-        lower error on its held-out entries (:meth:`start_candidates`); ``"temporal"``
+        (:func:`dct_fill`); ``"nonlocal"`` refines the DCT fill by sparsity in groups of similar
+        patches (:func:`nonlocal_fill`); ``"auto"`` offers all three to the solver, which keeps
+        the one with the lowest error on its held-out entries (:meth:`start_candidates`); ``"temporal"``
         (multi-temporal stacks, time = internal dim 0) copies each missing entry from the
         nearest clear date after a per-band gain/offset fit (:meth:`temporal_fill`).
     """
 
-    STARTS = ("biharmonic", "dct", "auto", "temporal")
+    STARTS = ("biharmonic", "dct", "nonlocal", "auto", "temporal")
 
     def __init__(self, y: torch.Tensor, observed: torch.Tensor, start: str = "biharmonic"):
         super().__init__(y)
@@ -86,19 +87,31 @@ class Inpainting(Operator):
     def initial_estimate(self) -> torch.Tensor:
         """Initial fill: :meth:`temporal_fill` if ``start="temporal"``, else biharmonic per plane
         (smooth, accurate), or normalized convolution for very large problems; with
-        ``start="dct"`` or ``"auto"`` that fill refined by :func:`dct_fill`."""
+        ``start="dct"`` that fill refined by :func:`dct_fill`, with ``"nonlocal"`` that refined
+        by :func:`nonlocal_fill`; ``"auto"``: the last one of :meth:`start_candidates`."""
         if self.start == "temporal":
             return self.temporal_fill()
-        base = self._spatial_fill()
-        return base if self.start == "biharmonic" else dct_fill(self.y, self.observed, base)
+        if self.start == "biharmonic":
+            return self._spatial_fill()
+        fills = self._fills("nonlocal" if self.start == "auto" else self.start)
+        return fills[next(reversed(fills))]
 
     def start_candidates(self) -> dict:
-        """The initial fills the solver may choose from: ``{"biharmonic": ..., "dct": ...}`` for
-        ``start="auto"`` (the DCT fill is computed from the biharmonic one), else the one fill."""
+        """The initial fills the solver may choose from: for ``start="auto"``, ``{"biharmonic": ...,
+        "dct": ..., "nonlocal": ...}``, each computed from the one before (``"nonlocal"`` only
+        where :func:`nonlocal_fill` applies: planes of at least 8 x 8 pixels, at most 16
+        channels), else the one fill."""
         if self.start != "auto":
             return {self.start: self.initial_estimate()}
-        base = self._spatial_fill()
-        return {"biharmonic": base, "dct": dct_fill(self.y, self.observed, base)}
+        return self._fills("nonlocal")
+
+    def _fills(self, last: str) -> dict:
+        fills = {"biharmonic": self._spatial_fill()}
+        fills["dct"] = dct_fill(self.y, self.observed, fills["biharmonic"])
+        S, C, H, W = self.y.shape
+        if last == "nonlocal" and min(H, W) >= 8 and C <= 16:
+            fills["nonlocal"] = nonlocal_fill(self.y, self.observed, fills["dct"])
+        return fills
 
     def _spatial_fill(self) -> torch.Tensor:
         if int((~self.observed).sum()) <= self.biharmonic_limit:
@@ -342,6 +355,126 @@ def dct_fill(y: torch.Tensor, observed: torch.Tensor, start: torch.Tensor, *, bl
                 c = torch.einsum("mc,smaibj->scaibj", Dc, c)
             acc += c.reshape(S, C, lh, lw)[:, :, dy:dy + H, dx:dx + W]
         x = torch.where(obs, yv, acc / len(grid))
+    return x.to(y.dtype)
+
+
+def _block_match(x: torch.Tensor, patch: int, step: int, search: int, group: int) -> torch.Tensor:
+    """Top-left flat indices ``(N, group)`` of the patches most similar to each reference patch.
+
+    ``x`` is one ``(C, H, W)`` plane stack; reference patches lie on a grid of ``step`` (the last
+    row and column included), candidates within ``search`` pixels of the reference, and the
+    distance is the squared difference summed over the patch and the channels (the reference
+    itself comes first).
+    """
+    F = torch.nn.functional
+    C, H, W = x.shape
+    p, R = patch, search
+    ys = list(range(0, H - p + 1, step))
+    xs = list(range(0, W - p + 1, step))
+    if ys[-1] != H - p:
+        ys.append(H - p)
+    if xs[-1] != W - p:
+        xs.append(W - p)
+    ry = torch.tensor(ys, device=x.device)
+    rx = torch.tensor(xs, device=x.device)
+    RY, RX = (g.reshape(-1) for g in torch.meshgrid(ry, rx, indexing="ij"))
+    xp = F.pad(x[None], (R, R, R, R), mode="replicate")[0]
+    offs = [(dy, dx) for dy in range(-R, R + 1) for dx in range(-R, R + 1)]
+    dist = torch.empty(len(offs), RY.numel(), device=x.device)
+    for i, (dy, dx) in enumerate(offs):
+        d = ((x - xp[:, R + dy:R + dy + H, R + dx:R + dx + W]) ** 2).sum(0)
+        d = F.avg_pool2d(F.avg_pool2d(d[None, None], (p, 1), stride=1), (1, p), stride=1)[0, 0]
+        dist[i] = d[RY, RX]
+    oy = torch.tensor([o[0] for o in offs], device=x.device)[:, None] + RY[None]
+    ox = torch.tensor([o[1] for o in offs], device=x.device)[:, None] + RX[None]
+    dist[(oy < 0) | (ox < 0) | (oy > H - p) | (ox > W - p)] = math.inf
+    dist[len(offs) // 2] = -1.0  # the reference first
+    idx = dist.topk(group, dim=0, largest=False).indices  # (group, N)
+    return (oy.gather(0, idx) * W + ox.gather(0, idx)).T.contiguous()
+
+
+def nonlocal_fill(y: torch.Tensor, observed: torch.Tensor, start: torch.Tensor, *, patch: int = 8,
+                  step: int = 4, search: int = 8, group: int = 8, iterations: int = 20,
+                  thresholds: tuple = (0.2, 0.01), rematch: int = 10, max_channels: int = 16,
+                  chunk: int = 4096) -> torch.Tensor:
+    """Fill missing entries by sparsity in groups of similar patches (collaborative hard thresholding).
+
+    The nonlocal counterpart of :func:`dct_fill`, after BM3D (Dabov et al. 2007) used for
+    inpainting as in its iterative form (e.g. Li 2012): every ``rematch`` iterations, for
+    reference patches on a grid of ``step`` pixels, the ``group`` most similar ``patch`` x
+    ``patch`` patches within ``search`` pixels are found on the current estimate. Each iteration
+    stacks every group, transforms it (2-D DCT of each patch, DCT along the group and, with 2 to
+    ``max_channels`` channels, across the channels), sets to zero the coefficients below a
+    threshold (the group's mean kept), transforms back, averages the overlapping patches (a group
+    weighs 1 / its number of kept coefficients) and re-inserts the observed entries. The
+    threshold falls geometrically from ``thresholds[0]`` to ``thresholds[1]`` (intensities in
+    [0, 1]). Repeated structure (texture, edges along their length) is shared across a group, so
+    it is recovered from far fewer samples than one block's spectrum needs.
+
+    Parameters
+    ----------
+    y, observed, start
+        As in :func:`dct_fill`; ``start`` is usually its result.
+
+    Returns
+    -------
+    (S, C, H, W) tensor
+        ``start`` unchanged for planes smaller than a patch or with more than ``max_channels``
+        channels (the groups would not fit in memory).
+
+    Notes
+    -----
+    Cost: about 5 s for a 256 x 256 RGB image on 2 CPU cores, linear in the number of pixels;
+    groups are processed in chunks of ``chunk``. Deterministic. It starts from a high threshold,
+    so it re-decides what the DCT fill recovered: on strictly periodic texture (a brick wall) the
+    DCT fill is better, and the solver's held-out entries choose between them.
+    """
+    obs = observed.expand_as(y)
+    S, C, H, W = y.shape
+    p = int(patch)
+    x = torch.where(obs, y, start).to(torch.float32)
+    if bool(obs.all()) or min(H, W) < p or C > max_channels:
+        return x.to(y.dtype)
+    R = int(search)
+    K = max(1, min(int(group), min(H - p + 1, R + 1) * min(W - p + 1, R + 1)))
+    dev = y.device
+    D = _dct_matrix(p, dev)
+    Dp = torch.kron(D, D)  # the 2-D DCT of a flattened patch
+    Dk = _dct_matrix(K, dev)
+    Dc = _dct_matrix(C, dev) if C > 1 else None
+    yv = y.to(torch.float32)
+    pix = (torch.arange(p, device=dev)[:, None] * W + torch.arange(p, device=dev)[None, :]).reshape(-1)
+    t0, t1 = (float(t) for t in thresholds)
+    n_it = int(iterations)
+    for s in range(S):
+        xs = x[s]
+        if bool(obs[s].all()):
+            continue
+        for k in range(n_it):
+            t = t0 * (t1 / t0) ** (k / max(n_it - 1, 1))
+            if k % int(rematch) == 0:
+                top = _block_match(xs, p, int(step), R, K)  # (N, K)
+            flat_x = xs.reshape(C, H * W)
+            acc = torch.zeros_like(flat_x)
+            wsum = torch.zeros(H * W, device=dev)
+            for a in range(0, top.shape[0], int(chunk)):
+                idx = (top[a:a + int(chunk), :, None] + pix).reshape(-1)  # (n * K * p * p)
+                n = idx.numel() // (K * p * p)
+                g = flat_x[:, idx].reshape(C, n, K, p * p)
+                if Dc is not None:
+                    g = torch.einsum("mc,cnke->mnke", Dc, g)
+                c = torch.einsum("lk,mnke->mnle", Dk, g @ Dp.T)
+                keep = c.abs() > t
+                keep[:, :, 0, 0] = True  # the group's mean
+                wgt = 1.0 / keep.sum(dim=(0, 2, 3)).to(torch.float32)  # (n,)
+                r = torch.einsum("lk,mnle->mnke", Dk, c * keep) @ Dp
+                if Dc is not None:
+                    r = torch.einsum("mc,mnke->cnke", Dc, r)
+                acc.index_add_(1, idx, (r * wgt[None, :, None, None]).reshape(C, -1))
+                wsum.index_add_(0, idx, wgt[:, None].expand(n, K * p * p).reshape(-1))
+            est = torch.where(wsum > 0, acc / wsum.clamp(min=1e-12), flat_x).reshape(C, H, W)
+            xs = torch.where(obs[s], yv[s], est)
+        x[s] = xs
     return x.to(y.dtype)
 
 
