@@ -7,8 +7,9 @@ no NGR iteration is run.
 For each case, both fills are built as the solver builds them (the held-out entries imputed, their
 values unseen), then every observed entry is re-inserted and the PSNR (dB, over the whole image,
 data range of the clean image) is taken against the ground truth, which only scores. Printed: the
-PSNRs, the fill chosen, the held-out mean squared errors, and the seconds to build all fills ("-":
-the nonlocal fill does not apply, e.g. more than 16 channels).
+PSNRs, the fill chosen, the held-out mean squared errors ("-": the nonlocal fill does not apply,
+e.g. more than 16 channels), and the seconds `prepare_inpaint` took (all fills, the held-out choice,
+the network; the script then builds the fills once more to score them, untimed).
 
 Cases (no download): the astronaut and two other scikit-image colour photos with whole pixels
 observed at random, the astronaut with entries observed independently per channel, four grey
@@ -45,14 +46,14 @@ def _score(gt, x, missing, rng):
 
 
 def measure(label, gt, missing, **kw):
-    """Both fills and the choice for one case; ``missing`` has ``gt``'s shape (True = missing)."""
+    """The fills and the choice for one case; ``missing`` has ``gt``'s shape (True = missing)."""
     gt = np.asarray(gt, np.float64)
     rng = gt.max() - gt.min()
     t = time.perf_counter()
     job = napari_ngr.prepare_inpaint(np.where(missing, 0.0, gt), missing, iterations=1, **kw)
+    seconds = time.perf_counter() - t  # the solver's preparation: fills, choice, network
     r = job._r
-    cands = r.operator.start_candidates()
-    seconds = time.perf_counter() - t
+    cands = r.operator.start_candidates()  # built again to score them (the solver keeps only its choice)
     psnr = {k: _score(gt, job._to_user(v), missing, rng) for k, v in cands.items()}
     err = r.start_errors
     nl = f"{psnr['nonlocal']:.2f}" if "nonlocal" in psnr else "-"
@@ -66,7 +67,7 @@ def main():
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     print(f"napari-ngr {napari_ngr.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("| case | biharmonic dB | DCT fill dB | nonlocal fill dB | chosen | held-out MSE x1e-4 "
-          "(biharmonic / DCT / nonlocal) | s |")
+          "(biharmonic / DCT / nonlocal) | s to prepare |")
     print("|---|---|---|---|---|---|---|")
     gt = _data.astronaut256()
     for rate in (0.1, 0.3, 0.5):

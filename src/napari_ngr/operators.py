@@ -89,11 +89,16 @@ class Inpainting(Operator):
         (smooth, accurate), or normalized convolution for very large problems; with
         ``start="dct"`` that fill refined by :func:`dct_fill`, with ``"nonlocal"`` that refined
         by :func:`nonlocal_fill`; ``"auto"``: the last one of :meth:`start_candidates`."""
-        if self.start == "temporal":
+        return self.fill("nonlocal" if self.start == "auto" else self.start)
+
+    def fill(self, kind: str) -> torch.Tensor:
+        """One initial fill from every observed entry: ``"temporal"``, ``"biharmonic"``, ``"dct"``
+        or ``"nonlocal"`` (the DCT fill where :func:`nonlocal_fill` does not apply)."""
+        if kind == "temporal":
             return self.temporal_fill()
-        if self.start == "biharmonic":
+        if kind == "biharmonic":
             return self._spatial_fill()
-        fills = self._fills("nonlocal" if self.start == "auto" else self.start)
+        fills = self._fills(kind)
         return fills[next(reversed(fills))]
 
     def start_candidates(self) -> dict:
@@ -108,8 +113,7 @@ class Inpainting(Operator):
     def _fills(self, last: str) -> dict:
         fills = {"biharmonic": self._spatial_fill()}
         fills["dct"] = dct_fill(self.y, self.observed, fills["biharmonic"])
-        S, C, H, W = self.y.shape
-        if last == "nonlocal" and min(H, W) >= 8 and C <= 16:
+        if last == "nonlocal" and nonlocal_applies(self.y.shape):
             fills["nonlocal"] = nonlocal_fill(self.y, self.observed, fills["dct"])
         return fills
 
@@ -358,6 +362,12 @@ def dct_fill(y: torch.Tensor, observed: torch.Tensor, start: torch.Tensor, *, bl
     return x.to(y.dtype)
 
 
+def nonlocal_applies(shape, patch: int = 8, max_channels: int = 16) -> bool:
+    """Whether :func:`nonlocal_fill` groups an ``(S, C, H, W)`` volume: planes of at least
+    ``patch`` x ``patch`` pixels and at most ``max_channels`` channels."""
+    return min(shape[-2:]) >= patch and shape[1] <= max_channels
+
+
 def _block_match(x: torch.Tensor, patch: int, step: int, search: int, group: int) -> torch.Tensor:
     """Top-left flat indices ``(N, group)`` of the patches most similar to each reference patch.
 
@@ -381,10 +391,11 @@ def _block_match(x: torch.Tensor, patch: int, step: int, search: int, group: int
     xp = F.pad(x[None], (R, R, R, R), mode="replicate")[0]
     offs = [(dy, dx) for dy in range(-R, R + 1) for dx in range(-R, R + 1)]
     dist = torch.empty(len(offs), RY.numel(), device=x.device)
+    y0, x0, y1, x1 = RY, RX, RY + p, RX + p
     for i, (dy, dx) in enumerate(offs):
         d = ((x - xp[:, R + dy:R + dy + H, R + dx:R + dx + W]) ** 2).sum(0)
-        d = F.avg_pool2d(F.avg_pool2d(d[None, None], (p, 1), stride=1), (1, p), stride=1)[0, 0]
-        dist[i] = d[RY, RX]
+        cs = F.pad(d.double().cumsum(0).cumsum(1), (1, 0, 1, 0))  # box sums at the references only
+        dist[i] = (cs[y1, x1] - cs[y0, x1] - cs[y1, x0] + cs[y0, x0]).float()
     oy = torch.tensor([o[0] for o in offs], device=x.device)[:, None] + RY[None]
     ox = torch.tensor([o[1] for o in offs], device=x.device)[:, None] + RX[None]
     dist[(oy < 0) | (ox < 0) | (oy > H - p) | (ox > W - p)] = math.inf
@@ -433,7 +444,7 @@ def nonlocal_fill(y: torch.Tensor, observed: torch.Tensor, start: torch.Tensor, 
     S, C, H, W = y.shape
     p = int(patch)
     x = torch.where(obs, y, start).to(torch.float32)
-    if bool(obs.all()) or min(H, W) < p or C > max_channels:
+    if bool(obs.all()) or not nonlocal_applies(y.shape, p, max_channels):
         return x.to(y.dtype)
     R = int(search)
     K = max(1, min(int(group), min(H - p + 1, R + 1) * min(W - p + 1, R + 1)))

@@ -474,11 +474,8 @@ class Restoration:
             # The start won the validation: rebuild it (the fill chosen) from *all* observed entries.
             if self._full_start is None:
                 op = self.full_operator
-                if isinstance(op, Inpainting) and self.start_name not in (None, op.start):
-                    full = Inpainting(op.y, op.observed, start=self.start_name)
-                    full.biharmonic_limit = op.biharmonic_limit
-                    op = full
-                self._full_start = op.initial_estimate().to(self.device)
+                fill = op.fill(self.start_name) if isinstance(op, Inpainting) and self.start_name else None
+                self._full_start = (fill if fill is not None else op.initial_estimate()).to(self.device)
             return self.full_operator.compose(self._full_start)
         best = st.best if st.best is not None else self.x
         op = self.operator
