@@ -24,7 +24,8 @@ No ground truth is used anywhere. Which iterate is returned (see :class:`Restora
   measured; the iterate with the lowest error is kept, and the loop stops early after
   ``patience`` checks without improvement. The returned image re-inserts *all* observed entries.
   The same held-out entries choose the start (``Inpainting(start="auto")``): the biharmonic fill,
-  or its sparse block-DCT refinement where that predicts them clearly better (``START_MARGIN``).
+  or its sparse block-DCT or nonlocal patch-group refinement where that predicts them clearly
+  better (``START_MARGIN``).
 * denoising: an exponential moving average of the iterates (as in the reference code). The loop
   stops by the *discrepancy principle* (``discrepancy``): the network learns fine detail last, so
   the residual ``y - x`` shrinks as the iterations go on; once its variance falls to what exact
@@ -474,8 +475,8 @@ class Restoration:
             # The start won the validation: rebuild it (the fill chosen) from *all* observed entries.
             if self._full_start is None:
                 op = self.full_operator
-                fill = op.fill(self.start_name) if isinstance(op, Inpainting) and self.start_name else None
-                self._full_start = (fill if fill is not None else op.initial_estimate()).to(self.device)
+                fill = op.fill(self.start_name) if isinstance(op, Inpainting) else op.initial_estimate()
+                self._full_start = fill.to(self.device)
             return self.full_operator.compose(self._full_start)
         best = st.best if st.best is not None else self.x
         op = self.operator
