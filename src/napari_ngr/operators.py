@@ -407,7 +407,7 @@ def _block_match(x: torch.Tensor, patch: int, step: int, search: int, group: int
 def nonlocal_fill(y: torch.Tensor, observed: torch.Tensor, start: torch.Tensor, *, patch: int = 8,
                   step: int = 4, search: int = 8, group: int = 8, iterations: int = 20,
                   thresholds: tuple = (0.2, 0.01), rematch: int = 10, max_channels: int = 16,
-                  chunk: int = 4096) -> torch.Tensor:
+                  chunk: int = 1024) -> torch.Tensor:
     """Fill missing entries by sparsity in groups of similar patches (collaborative hard thresholding).
 
     The nonlocal counterpart of :func:`dct_fill`, after BM3D (Dabov et al. 2007) used for
@@ -436,7 +436,8 @@ def nonlocal_fill(y: torch.Tensor, observed: torch.Tensor, start: torch.Tensor, 
     Notes
     -----
     Cost: about 5 s for a 256 x 256 RGB image on 2 CPU cores, linear in the number of pixels;
-    groups are processed in chunks of ``chunk``. Deterministic. It starts from a high threshold,
+    groups are processed in chunks of ``chunk`` (about 65 MB of work space for an RGB image at
+    the default). Deterministic. It starts from a high threshold,
     so it re-decides what the DCT fill recovered: on strictly periodic texture (a brick wall) the
     DCT fill is better, and the solver's held-out entries choose between them.
     """
