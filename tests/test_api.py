@@ -578,3 +578,31 @@ def test_bfloat16_warns_on_a_cpu_that_emulates_it(rgb48, monkeypatch, native):
     ours = [w for w in caught if "native bfloat16" in str(w.message)]
     assert len(ours) == (0 if native else 1) and all(w.category is RuntimeWarning for w in ours)
     assert all(w.filename == __file__ for w in ours)
+
+
+def test_start_deadline_returns_the_start_only_while_no_iterate_beats_it(gray48):
+    """``start_deadline``: with no iterate better than the start on the held-out entries, the loop
+    stops at that fraction of the budget and returns the start; once one is better, it runs on."""
+    from skimage.restoration import inpaint_biharmonic
+
+    yy, xx = np.mgrid[:48, :48]
+    smooth = 0.3 + 0.4 * np.exp(-((yy - 22) ** 2 + (xx - 26) ** 2) / 250.0) + 0.002 * xx
+    miss = np.random.default_rng(0).random(smooth.shape) > 0.3
+    kw = dict(iterations=60, warmup=5, min_iterations=0, check_every=5, start="biharmonic")
+    img = np.where(miss, 0.0, smooth)
+    res = napari_ngr.prepare_inpaint(img, miss, start_deadline=0.5, **kw).run()
+    assert res.iteration == 30 and "start_deadline" in res.stop_reason
+    assert res.best_iteration <= 5
+    np.testing.assert_allclose(res.image, inpaint_biharmonic(img, miss), atol=1e-5)
+    full = napari_ngr.prepare_inpaint(img, miss, start_deadline=0.0, **kw).run()
+    assert full.iteration == 60 and full.best_iteration <= 5  # the same choice, after the whole budget
+    np.testing.assert_array_equal(full.image, res.image)
+    # A stack of one scene under different masks: the third-axis gradient beats the per-plane
+    # start at once, and the deadline never fires.
+    stack = np.repeat(gray48[None, :32, :32], 6, axis=0)
+    smiss = np.random.default_rng(1).random(stack.shape) > 0.3
+    simg = np.where(smiss, 0.0, stack)
+    sres = napari_ngr.prepare_inpaint(simg, smiss, start_deadline=0.5, patience=100, **kw).run()
+    assert sres.iteration == 60 and sres.best_iteration > 5 and "start_deadline" not in sres.stop_reason
+    start_only = np.stack([inpaint_biharmonic(f, m) for f, m in zip(simg, smiss)])
+    assert psnr(stack, sres.image) > psnr(stack, start_only) + 1

@@ -22,7 +22,8 @@ No ground truth is used anywhere. Which iterate is returned (see :class:`Restora
   :meth:`~napari_ngr.operators.Inpainting.holdout`) is hidden from the data term
   and used as a validation set. Every ``check_every`` iterations the validation error of ``x`` is
   measured; the iterate with the lowest error is kept, and the loop stops early after
-  ``patience`` checks without improvement. The returned image re-inserts *all* observed entries.
+  ``patience`` checks without improvement, or, while no iterate has beaten the start, once
+  ``start_deadline`` of the budget has run. The returned image re-inserts *all* observed entries.
   The same held-out entries choose the start (``Inpainting(start="auto")``): the biharmonic fill,
   or its sparse block-DCT or nonlocal patch-group refinement where that predicts them clearly
   better (``START_MARGIN``).
@@ -129,6 +130,9 @@ class SolverOptions:
     discrepancy: float = 0.0  # fused data terms: stop when residual / expected residual <= this (0: off)
     min_iterations: int = 0
     start_margin: float = 0.02  # relative held-out error gain an iterate needs to replace the start
+    # held-out selection: stop (returning the start) once this fraction of the budget, and at least
+    # min_iterations, has run without an iterate beating the start (0: never give up)
+    start_deadline: float = 0.0
     final_weight: float | str = 1.0  # fused data terms: data-weight multiplier of the returned image, or "auto"
     precision: str = "float32"  # the network's arithmetic: "float32" or "bfloat16" (autocast; see Restoration)
     seed: int = 0
@@ -408,6 +412,12 @@ class Restoration:
                         # error often rises for a while before it falls below the start's.
                         stop = True
                         st.stop_reason = "validation error stopped improving"
+                    elif (opt.start_deadline > 0 and st.best_iteration <= opt.warmup
+                          and k >= max(opt.min_iterations, opt.start_deadline * total)):
+                        # Where an iterate does beat the start it mostly has by then, and goes on
+                        # improving; where none has, the rest of the budget rarely changes that.
+                        stop = True
+                        st.stop_reason = f"no iterate beat the start within {k} iterations (start_deadline)"
             elif self._select:
                 if k % opt.check_every == 0 or k == total:
                     score, c, held_pred = self._choose_final_weight()
