@@ -417,7 +417,7 @@ class Restoration:
                         # Where an iterate does beat the start it mostly has by then, and goes on
                         # improving; where none has, the rest of the budget rarely changes that.
                         stop = True
-                        st.stop_reason = f"no iterate beat the start within {k} iterations (start_deadline)"
+                        st.stop_reason = f"start_deadline: no iterate beat the start by iteration {k}"
             elif self._select:
                 if k % opt.check_every == 0 or k == total:
                     score, c, held_pred = self._choose_final_weight()
