@@ -1,11 +1,11 @@
 """Quality table: napari-ngr (defaults only) against classical peers, on the cases of
 shared/research/peers_quality.md, peers computed in the same run.
 
-    python benchmarks/quality.py            # everything (12 min on 2 AMX cores, 48 on 2 AVX2-only ones)
+    python benchmarks/quality.py            # everything (12 min on 2 AMX cores before the 1 200 inpainting budget, about 60 on 2 AVX2-only ones)
     python benchmarks/quality.py --quick    # one case per task
     python benchmarks/quality.py --gray     # only the grayscale photos (not peer cases of the issue)
     python benchmarks/quality.py --entries  # only the per-entry masks (not peer cases of the issue)
-    python benchmarks/quality.py --inpainting  # only the inpainting rows (about 27 min on 2 AVX2 cores)
+    python benchmarks/quality.py --inpainting  # only the inpainting rows (about 40 min on 2 AVX2 cores)
 
 Prints a markdown table: PSNR (dB, unclipped, data_range=1), seconds, and for NGR the
 iteration that was returned (chosen without ground truth).
