@@ -606,3 +606,6 @@ def test_start_deadline_returns_the_start_only_while_no_iterate_beats_it(gray48)
     assert sres.iteration == 60 and sres.best_iteration > 5 and "start_deadline" not in sres.stop_reason
     start_only = np.stack([inpaint_biharmonic(f, m) for f, m in zip(simg, smiss)])
     assert psnr(stack, sres.image) > psnr(stack, start_only) + 1
+    for bad in (-0.1, 1.5, "half"):
+        with pytest.raises(ValueError, match="start_deadline"):
+            napari_ngr.prepare_inpaint(img, miss, iterations=2, start_deadline=bad)

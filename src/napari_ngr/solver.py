@@ -220,6 +220,9 @@ class Restoration:
         if not (isinstance(fw, str) and fw == "auto" or (isinstance(fw, numbers.Real) and not isinstance(fw, bool)
                                                        and math.isfinite(fw) and fw > 0)):
             raise ValueError(f"final_weight must be a positive number or 'auto', got {fw!r}")
+        sd = options.start_deadline
+        if isinstance(sd, bool) or not isinstance(sd, numbers.Real) or not 0 <= sd <= 1:
+            raise ValueError(f"start_deadline must be a fraction of the budget in [0, 1], got {sd!r}")
         self.preview_every = int(preview_every)
         self.to_user = to_user or (lambda t: t.detach().cpu().numpy())
         self.state = _State()
@@ -414,8 +417,9 @@ class Restoration:
                         st.stop_reason = "validation error stopped improving"
                     elif (opt.start_deadline > 0 and st.best_iteration <= opt.warmup
                           and k >= max(opt.min_iterations, opt.start_deadline * total)):
-                        # Where an iterate does beat the start it mostly has by then, and goes on
-                        # improving; where none has, the rest of the budget rarely changes that.
+                        # Measured (README): on stacks an iterate beats the start by iteration 260-480
+                        # and keeps improving to 1200; on the photos none beats the nonlocal start
+                        # in 600. This keeps a losing run at the former 600-iteration cost.
                         stop = True
                         st.stop_reason = f"start_deadline: no iterate beat the start by iteration {k}"
             elif self._select:
