@@ -1,7 +1,8 @@
 """Quality table: napari-ngr (defaults only) against classical peers, on the cases of
 shared/research/peers_quality.md, peers computed in the same run.
 
-    python benchmarks/quality.py            # everything (12 min on 2 AMX cores before the 1 200 inpainting budget, about 60 on 2 AVX2-only ones)
+    python benchmarks/quality.py            # everything (16-20 min on 2 AVX512-BF16 cores, about 60 on 2 AVX2-only ones)
+    python benchmarks/quality.py --precision float32  # the network in float32 everywhere (default: auto)
     python benchmarks/quality.py --quick    # one case per task
     python benchmarks/quality.py --gray     # only the grayscale photos (not peer cases of the issue)
     python benchmarks/quality.py --entries  # only the per-entry masks (not peer cases of the issue)
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _data  # noqa: E402
 
 import napari_ngr  # noqa: E402
+from napari_ngr.solver import resolve_precision  # noqa: E402
 
 
 def timed(fn, *a, **k):
@@ -57,7 +59,11 @@ def main(argv=None):
     ap.add_argument("--entries", action="store_true", help="only the per-entry inpainting rows")
     ap.add_argument("--inpainting", action="store_true", help="only the inpainting rows")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="the network's arithmetic for every row (default: the library's default, auto)")
     args = ap.parse_args(argv)
+    for d in napari_ngr.DEFAULTS.values():  # every task's default solver options
+        d["options"]["precision"] = args.precision
     torch.set_num_threads(min(torch.get_num_threads(), 2) if args.device == "cpu" else torch.get_num_threads())
     from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 
@@ -248,7 +254,8 @@ def gray_rows(rows, args):
 
 def report(rows, args):
     print(f"\nnapari-ngr {napari_ngr.__version__}, device={args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
+          f"{torch.get_num_threads()} threads, precision {args.precision} (single images "
+          f"{resolve_precision(args.precision, args.device)}, stacks {resolve_precision(args.precision, args.device, False)})\n")
     print("| case | method | PSNR dB | s | note |")
     print("|---|---|---|---|---|")
     for case, m, p, t, note in rows:

@@ -1,14 +1,16 @@
-"""Speed table: seconds per iteration, iterations used, total seconds and peak memory, for
-napari-ngr's defaults and for a configuration that mirrors the reference code (three
-independent 128-channel, 5-level U-Nets, no guide), on the core issue's two cases (and the
-opt-in bfloat16 network); then a
-200-band 256 x 256 hyperspectral cube (issue 6: many bands in reasonable memory), inpainting
-(10 % of entries observed) and mixed-noise denoising, timed over a few iterations and projected
-to the default budget. On a CPU without native bfloat16 (AVX512-BF16 or AMX; most laptops),
-where bfloat16 is emulated and about 8x slower, the bfloat16 rows are likewise timed over
-``--bf16-iterations`` and projected, so that the script ends in minutes, not hours. The header
-names the CPU's vector extension (torch's ``get_cpu_capability``): per-iteration times differ about
-3x between an AVX2-only and an AMX CPU with the same number of cores.
+"""Speed table: seconds per iteration, iterations used, seconds of the loop and of the
+preparation (validation split, starts, NL-means) and peak memory, for napari-ngr's defaults
+and for a configuration that mirrors the reference code (three independent 128-channel,
+5-level U-Nets, no guide, float32), on the core issue's two cases, and for the precision the
+default does not use (``precision="auto"`` runs the network in bfloat16 for a single image on a
+CPU with native bfloat16, else in float32: the other one is timed too); then a 200-band 256 x 256
+hyperspectral cube (issue 6: many bands in reasonable memory), inpainting (10 % of entries
+observed) and mixed-noise denoising, timed over a few iterations and projected to the default
+budget. On a CPU without native bfloat16 (AVX512-BF16 or AMX; most laptops), where bfloat16 is
+emulated and about 8x slower, the bfloat16 rows are likewise timed over ``--bf16-iterations``
+and projected, so that the script ends in minutes, not hours. The header names the CPU's vector
+extension (torch's ``get_cpu_capability``): per-iteration times differ about 3x between an
+AVX2-only and an AMX CPU with the same number of cores.
 
     python benchmarks/speed.py [--device cuda] [--ref-iterations 3] [--band-iterations 10] [--bf16-iterations 20]
 """
@@ -27,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _data  # noqa: E402
 
 import napari_ngr  # noqa: E402
-from napari_ngr.solver import cpu_has_native_bfloat16  # noqa: E402
+from napari_ngr.solver import cpu_has_native_bfloat16, resolve_precision  # noqa: E402
 
 REFERENCE = dict(channels=128, levels=5, skip_channels=4, shared_trunk=False, guide=0.0, guide_refresh=0,
-                 warmup=0, input_channels=3)
+                 warmup=0, input_channels=3, precision="float32")
 REF_ITERS = {"inpaint": 15000, "denoise": 4000}
 
 
@@ -55,6 +57,7 @@ def _measure(task, device, threads, over):
     gt = _data.astronaut256()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    t_prep = time.perf_counter()
     if task.startswith("hsi"):
         gt = _data.hsi_cube(200, 256)
         if task == "hsi-inpaint":
@@ -69,6 +72,7 @@ def _measure(task, device, threads, over):
     else:
         job = napari_ngr.prepare_denoise(_data.noisy(gt, 0.1), channel_axis=-1, sigma=0.1, device=device, **over)
     t = time.perf_counter()
+    prep = t - t_prep
     times = []
     last = t
     for rec in job.iterate():
@@ -77,7 +81,7 @@ def _measure(task, device, threads, over):
         last = now
     total = time.perf_counter() - t
     res = job.result()
-    return float(np.median(times)), res.iteration, total, peak_mb(device), _data.psnr(gt, res.image)
+    return float(np.median(times)), res.iteration, total, peak_mb(device), _data.psnr(gt, res.image), prep
 
 
 def main(argv=None):
@@ -95,34 +99,39 @@ def main(argv=None):
         emulated_bf16 = not cpu_has_native_bfloat16()
         cpu = (f", CPU {torch.backends.cpu.get_cpu_capability()}, "
                f"{'emulated' if emulated_bf16 else 'native'} bfloat16")
+    auto = resolve_precision("auto", args.device)
     print(f"\nnapari-ngr {napari_ngr.__version__}, device={args.device}{cpu}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
-    print("| case | configuration | s / iteration | iterations | total s | peak MiB | PSNR dB |")
-    print("|---|---|---|---|---|---|---|")
+          f"{torch.get_num_threads()} threads, default precision {auto} (single images; "
+          f"stacks {resolve_precision('auto', args.device, False)})\n")
+    print("| case | configuration | s / iteration | iterations | loop s | prepare s | peak MiB | PSNR dB |")
+    print("|---|---|---|---|---|---|---|---|")
     for task, name in (("inpaint", "astronaut 256² RGB, 10 % observed"), ("denoise", "astronaut 256² RGB, sigma 0.1")):
-        spi, it, tot, mem, p = measure(task, args.device)
-        print(f"| {name} | napari-ngr defaults | {spi:.3f} | {it} | {tot:.1f} | {mem:.0f} | {p:.2f} |")
+        spi, it, tot, mem, p, prep = measure(task, args.device)
+        print(f"| {name} | napari-ngr defaults ({auto}) | {spi:.3f} | {it} | {tot:.1f} | {prep:.1f} | {mem:.0f} | {p:.2f} |")
         if task == "denoise":  # the budget that fits 30 s on 2 AMX cores, instead of the held-out stop
-            spi, it, tot, mem, p = measure(task, args.device, iterations=250)
-            print(f"| {name} | napari-ngr, iterations=250 | {spi:.3f} | {it} | {tot:.1f} | {mem:.0f} | {p:.2f} |")
-        # the network in bfloat16 (opt-in; fast only where the hardware has native bfloat16)
-        if emulated_bf16:  # about 8x slower than float32: time a few iterations, project to the budget
+            spi, it, tot, mem, p, prep = measure(task, args.device, iterations=250)
+            print(f"| {name} | napari-ngr, iterations=250 | {spi:.3f} | {it} | {tot:.1f} | {prep:.1f} | {mem:.0f} | {p:.2f} |")
+        # the precision the default did not choose
+        if auto == "bfloat16":
+            spi, it, tot, mem, p, prep = measure(task, args.device, precision="float32")
+            print(f"| {name} | napari-ngr, precision='float32' | {spi:.3f} | {it} | {tot:.1f} | {prep:.1f} | {mem:.0f} | {p:.2f} |")
+        elif emulated_bf16:  # about 8x slower than float32: time a few iterations, project to the budget
             n = napari_ngr.DEFAULTS[task]["iterations"]
-            spi, it, tot, mem, p = measure(task, args.device, precision="bfloat16", iterations=args.bf16_iterations)
+            spi, it, tot, mem, p, prep = measure(task, args.device, precision="bfloat16", iterations=args.bf16_iterations)
             print(f"| {name} | napari-ngr, precision='bfloat16' (emulated) | {spi:.3f} | {n} (timed {it}) "
-                  f"| {spi * n:.0f} (projected) | {mem:.0f} | - |")
+                  f"| {spi * n:.0f} (projected) | {prep:.1f} | {mem:.0f} | - |")
         else:
-            spi, it, tot, mem, p = measure(task, args.device, precision="bfloat16")
-            print(f"| {name} | napari-ngr, precision='bfloat16' | {spi:.3f} | {it} | {tot:.1f} | {mem:.0f} | {p:.2f} |")
-        spi, it, tot, mem, p = measure(task, args.device, iterations=args.ref_iterations, **REFERENCE)
+            spi, it, tot, mem, p, prep = measure(task, args.device, precision="bfloat16")
+            print(f"| {name} | napari-ngr, precision='bfloat16' | {spi:.3f} | {it} | {tot:.1f} | {prep:.1f} | {mem:.0f} | {p:.2f} |")
+        spi, it, tot, mem, p, prep = measure(task, args.device, iterations=args.ref_iterations, **REFERENCE)
         est = spi * REF_ITERS[task]
         print(f"| {name} | reference mirror (3 nets x 128 ch) | {spi:.3f} | {REF_ITERS[task]} (timed {it}) "
-              f"| {est:.0f} (projected) | {mem:.0f} | - |")
+              f"| {est:.0f} (projected) | {prep:.1f} | {mem:.0f} | - |")
     for task, name, n in (("hsi-inpaint", "HSI 200 bands 256², 10 % observed", napari_ngr.DEFAULTS["inpaint"]["iterations"]),
                           ("hsi-denoise", "HSI 200 bands 256², mixed noise", napari_ngr.DEFAULTS["denoise"]["mixed_iterations"])):
-        spi, it, tot, mem, p = measure(task, args.device, iterations=args.band_iterations)
-        print(f"| {name} | napari-ngr defaults | {spi:.3f} | {n} (timed {it}) | {spi * n:.0f} (projected) "
-              f"| {mem:.0f} | - |")
+        spi, it, tot, mem, p, prep = measure(task, args.device, iterations=args.band_iterations)
+        print(f"| {name} | napari-ngr defaults (float32) | {spi:.3f} | {n} (timed {it}) | {spi * n:.0f} (projected) "
+              f"| {prep:.1f} | {mem:.0f} | - |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,5 @@
 """Gradient operators, their adjoints, the DCT and the closed-form solve."""
 
-import itertools
-
 import numpy as np
 import pytest
 import scipy.fft

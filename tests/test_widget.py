@@ -135,6 +135,7 @@ def test_run_timelapse_inpainting_end_to_end(make_napari_viewer, qtbot, errors):
     assert restored.axis_labels == image.axis_labels
     assert restored.metadata["lab"] == "x" and restored.metadata["napari_ngr"]["role"] == "restored"
     assert restored.metadata["napari_ngr"]["start"] == w.last_result.start in ("biharmonic", "dct", "nonlocal")
+    assert restored.metadata["napari_ngr"]["precision"] == w.last_result.precision in ("float32", "bfloat16")
     for axis in "tyx":
         g = viewer.layers[f"{name} \u2207{axis}"]
         assert g.data.shape == image.data.shape and not g.visible and not g.rgb

@@ -234,9 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
         sol.add_argument("--seed", type=_int, default=0, help="random seed (default 0)")
         sol.add_argument("--device", default="auto",
                          help="auto (CUDA, then MPS, then CPU; default), cpu, cuda, cuda:1, mps")
-        sol.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
-                         help="the network's arithmetic (default float32); bfloat16 is about 1.5x faster on "
-                              "CPUs with native bfloat16 (AVX512-BF16/AMX), about 8x slower on CPUs without it")
+        sol.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                         help="the network's arithmetic (default auto: bfloat16 for a single image on a CPU "
+                              "with native bfloat16, AVX512-BF16/AMX, where it is about 1.6x faster; float32 for "
+                              "stacks and elsewhere); bfloat16 is about 8x slower on CPUs without it")
         run = p.add_argument_group("run")
         run.add_argument("--threads", type=_positive_int, metavar="N",
                          help="CPU threads for torch (default: torch's choice; 1-2 on a shared machine)")
@@ -903,8 +904,8 @@ def _run_one(item: _Item, args, task, device, rep: _Reporter, prefix: str):
         target = f"{', '.join(p.name for p in written)} (missing gradient file(s); {item.out.name} kept)"
     if res.start is not None:
         extra += f", start {res.start}"
-    item.reason = (f"{res.iteration} iterations in {elapsed:.1f} s on {device}, returned iteration "
-                   f"{res.best_iteration} ({res.stop_reason}{extra})")
+    item.reason = (f"{res.iteration} iterations in {elapsed:.1f} s on {device} ({res.precision}), returned "
+                   f"iteration {res.best_iteration} ({res.stop_reason}{extra})")
     warmup = DEFAULTS[task]["options"].get("warmup", 0) if task in MASK_TASKS else 0
     start = {"temporal": "temporal-fill", "dct": "block-DCT", "nonlocal": "nonlocal-patch"}.get(res.start, "biharmonic")
     if warmup and res.iteration <= warmup:

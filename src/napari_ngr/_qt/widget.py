@@ -796,7 +796,7 @@ class RestoreWidget(QWidget):
                     best_iteration=int(res.best_iteration), stop_reason=res.stop_reason,
                     sigma=None if res.sigma is None else float(res.sigma),
                     final_weight=res.final_weight, method=res.method, nlmeans_weight=float(res.nlmeans_weight),
-                    start=res.start, **{k: v for k, v in st.params.items() if k != "device"})
+                    start=res.start, precision=res.precision, **{k: v for k, v in st.params.items() if k != "device"})
         kw = st.layer_kwargs
         added = []
         for axis, g in res.gradients.items():
