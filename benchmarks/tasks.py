@@ -4,7 +4,7 @@ many-band inpainting with random pixels and dead lines. Defaults only; peers in 
     python benchmarks/tasks.py                 # everything (about 30 min on 2 CPU cores)
     python benchmarks/tasks.py --quick         # 31 bands and the video only (about 12 min)
     python benchmarks/tasks.py --no-bm4d       # skip BM4D (non-commercial licence, slow)
-    python benchmarks/tasks.py --inpainting    # only the inpainting rows (11 min on 2 AVX512-BF16 cores)
+    python benchmarks/tasks.py --inpainting    # only the inpainting rows (13 min on 2 AVX512-BF16 cores)
     python benchmarks/tasks.py --precision bfloat16  # the network's arithmetic for every row (default: auto)
 
 Data (no download; ``_data.py``): hyperspectral cubes are synthetic (``hsi_cube``: 5 smooth
