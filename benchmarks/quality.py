@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _data  # noqa: E402
 
 import napari_ngr  # noqa: E402
-from napari_ngr.solver import resolve_precision  # noqa: E402
+import _precision  # noqa: E402
 
 
 def timed(fn, *a, **k):
@@ -59,11 +59,9 @@ def main(argv=None):
     ap.add_argument("--entries", action="store_true", help="only the per-entry inpainting rows")
     ap.add_argument("--inpainting", action="store_true", help="only the inpainting rows")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                    help="the network's arithmetic for every row (default: the library's default, auto)")
+    _precision.add_argument(ap)
     args = ap.parse_args(argv)
-    for d in napari_ngr.DEFAULTS.values():  # every task's default solver options
-        d["options"]["precision"] = args.precision
+    _precision.apply(args)
     torch.set_num_threads(min(torch.get_num_threads(), 2) if args.device == "cpu" else torch.get_num_threads())
     from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 
@@ -254,8 +252,7 @@ def gray_rows(rows, args):
 
 def report(rows, args):
     print(f"\nnapari-ngr {napari_ngr.__version__}, device={args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, precision {args.precision} (single images "
-          f"{resolve_precision(args.precision, args.device)}, stacks {resolve_precision(args.precision, args.device, False)})\n")
+          f"{torch.get_num_threads()} threads, {_precision.describe(args)}\n")
     print("| case | method | PSNR dB | s | note |")
     print("|---|---|---|---|---|")
     for case, m, p, t, note in rows:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _data  # noqa: E402
 
 import napari_ngr  # noqa: E402
-from napari_ngr.solver import resolve_precision  # noqa: E402
+import _precision  # noqa: E402
 
 
 def timed(fn, *a, **k):
@@ -101,17 +101,14 @@ def main(argv=None):
     ap.add_argument("--no-bm4d", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--inpainting", action="store_true", help="only the inpainting rows")
-    ap.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                    help="the network's arithmetic for every row (default: the library's default, auto)")
+    _precision.add_argument(ap)
     args = ap.parse_args(argv)
-    for d in napari_ngr.DEFAULTS.values():  # every task's default solver options
-        d["options"]["precision"] = args.precision
+    _precision.apply(args)
     if args.device == "cpu":
         torch.set_num_threads(min(torch.get_num_threads(), 2))
     rows = _Rows()
     print(f"napari-ngr {napari_ngr.__version__}, device={args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, precision {args.precision} (single images "
-          f"{resolve_precision(args.precision, args.device)}, stacks {resolve_precision(args.precision, args.device, False)})\n")
+          f"{torch.get_num_threads()} threads, {_precision.describe(args)}\n")
     print("| case | method | PSNR dB | s | note |")
     print("|---|---|---|---|---|", flush=True)
     bands = [31] if args.quick else [31, 191]
