@@ -259,7 +259,7 @@ def test_dct_fill_keeps_observed_entries_and_restores_texture_biharmonic_smooths
 def test_nonlocal_fill_keeps_observed_entries_and_beats_the_dct_fill_on_a_photo():
     """The patch-group fill re-inserts every observed entry, is deterministic, and on a natural
     RGB crop (30 % of pixels observed) beats the block-DCT fill it starts from on the missing
-    entries (measured: 26.44 against 26.00 dB, biharmonic 25.16)."""
+    entries (measured: 28.00 against 26.00 dB, biharmonic 25.16)."""
     from conftest import psnr
     from skimage import data
     from skimage.transform import resize
@@ -275,8 +275,33 @@ def test_nonlocal_fill_keeps_observed_entries_and_beats_the_dct_fill_on_a_photo(
     filled = nonlocal_fill(y, o, d)
     assert filled.shape == y.shape and filled.dtype == torch.float32
     np.testing.assert_array_equal(filled.numpy()[0][:, obs], y.numpy()[0][:, obs])
-    assert psnr(g, filled.numpy()[0], miss) > psnr(g, d.numpy()[0], miss) + 0.25
+    assert psnr(g, filled.numpy()[0], miss) > psnr(g, d.numpy()[0], miss) + 1.0
     assert torch.equal(nonlocal_fill(y, o, d), filled)
+    assert torch.equal(nonlocal_fill(y, o, d, split=False), filled)  # whole pixels: colour groups
+
+
+def test_nonlocal_fill_splits_colour_components_where_channels_are_missing_apart():
+    """Where entries are missing channel by channel, the fill groups luminance and colour
+    differences apart (``split=None`` decides from the mask), which recovers a missing channel
+    from the observed ones; colour patches grouped whole do not (measured on an RGB crop, 30 % of
+    entries observed: 33.26 dB split, 29.49 whole, block-DCT fill 31.55)."""
+    from conftest import psnr
+    from skimage import data
+    from skimage.transform import resize
+
+    from napari_ngr.operators import Inpainting, dct_fill, nonlocal_fill
+
+    g = resize(data.astronaut(), (256, 256), anti_aliasing=True)[64:128, 96:160].transpose(2, 0, 1)
+    obs = np.random.default_rng(2).random(g.shape) < 0.3
+    y = torch.from_numpy(np.where(obs, g, 0.0)[None].astype(np.float32))
+    o = torch.from_numpy(obs)[None]
+    d = dct_fill(y, o, Inpainting(y, o, start="biharmonic").initial_estimate())
+    auto = nonlocal_fill(y, o, d)
+    assert torch.equal(auto, nonlocal_fill(y, o, d, split=True))
+    np.testing.assert_array_equal(auto.numpy()[0][obs], y.numpy()[0][obs])
+    whole = nonlocal_fill(y, o, d, split=False)
+    assert psnr(g, auto.numpy()[0], ~obs) > psnr(g, whole.numpy()[0], ~obs) + 2
+    assert psnr(g, auto.numpy()[0], ~obs) > psnr(g, d.numpy()[0], ~obs) + 1
 
 
 def test_nonlocal_fill_leaves_what_it_cannot_group():

@@ -428,8 +428,8 @@ def inpaint(image, mask, *, channel_axis=None, axes=None, iterations=None, spati
     start : {"auto", "nonlocal", "dct", "biharmonic"}
         The solver's initial fill: biharmonic interpolation of every plane; that fill refined
         by sparsity in overlapping 8 x 8 block DCTs (``"dct"``,
-        :func:`napari_ngr.operators.dct_fill`); or the DCT fill refined by sparsity in groups of
-        similar 8 x 8 patches (``"nonlocal"``, :func:`napari_ngr.operators.nonlocal_fill`; planes
+        :func:`napari_ngr.operators.dct_fill`); or the DCT fill refined by the low rank of groups
+        of similar 8 x 8 patches (``"nonlocal"``, :func:`napari_ngr.operators.nonlocal_fill`; planes
         of at least 8 x 8 pixels with at most 16 channels). ``"auto"`` computes all three and
         leaves biharmonic only for a fill whose error on the held-out entries (see Notes) is at
         least 10 % lower, and lower beyond one standard error (``napari_ngr.solver.START_MARGIN``),

@@ -13,6 +13,7 @@ All tensors are in the solver's internal layout ``(S, C, H, W)``.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ class Inpainting(Operator):
     start : {"biharmonic", "dct", "nonlocal", "auto", "temporal"}
         The initial fill (:meth:`initial_estimate`): ``"biharmonic"`` interpolates every plane
         on its own; ``"dct"`` refines that fill by sparsity in overlapping block DCTs
-        (:func:`dct_fill`); ``"nonlocal"`` refines the DCT fill by sparsity in groups of similar
+        (:func:`dct_fill`); ``"nonlocal"`` refines the DCT fill by the low rank of groups of similar
         patches (:func:`nonlocal_fill`); ``"auto"`` offers all three to the solver, which keeps
         the one with the lowest error on its held-out entries (:meth:`start_candidates`); ``"temporal"``
         (multi-temporal stacks, time = internal dim 0) copies each missing entry from the
@@ -405,41 +406,52 @@ def _block_match(x: torch.Tensor, patch: int, step: int, search: int, group: int
 
 
 def nonlocal_fill(y: torch.Tensor, observed: torch.Tensor, start: torch.Tensor, *, patch: int = 8,
-                  step: int = 4, search: int = 8, group: int = 8, iterations: int = 20,
-                  thresholds: tuple = (0.2, 0.01), rematch: int = 10, max_channels: int = 16,
-                  chunk: int = 1024) -> torch.Tensor:
-    """Fill missing entries by sparsity in groups of similar patches (collaborative hard thresholding).
+                  step: int = 4, search: int = 8, group: int = 16, iterations: int = 40,
+                  thresholds: tuple = (0.1, 0.005), max_channels: int = 16,
+                  chunk: int = 256, split: bool | None = None) -> torch.Tensor:
+    """Fill missing entries by the low rank of groups of similar patches (iterative group-SVD hard thresholding).
 
-    The nonlocal counterpart of :func:`dct_fill`, after BM3D (Dabov et al. 2007) used for
-    inpainting as in its iterative form (e.g. Li 2012): every ``rematch`` iterations, for
-    reference patches on a grid of ``step`` pixels, the ``group`` most similar ``patch`` x
-    ``patch`` patches within ``search`` pixels are found on the current estimate. Each iteration
-    stacks every group, transforms it (2-D DCT of each patch, DCT along the group and, with 2 to
-    ``max_channels`` channels, across the channels), sets to zero the coefficients below a
-    threshold (the group's mean kept), transforms back, averages the overlapping patches (a group
-    weighs 1 / its number of kept coefficients) and re-inserts the observed entries. The
-    threshold falls geometrically from ``thresholds[0]`` to ``thresholds[1]`` (intensities in
-    [0, 1]). Repeated structure (texture, edges along their length) is shared across a group, so
-    it is recovered from far fewer samples than one block's spectrum needs.
+    The nonlocal counterpart of :func:`dct_fill`, after the low-rank patch-group models of
+    inpainting (Zhang et al. 2014, GSR; Gu et al. 2014, WNNM). Once, on ``start``, for reference
+    patches on a grid of ``step`` pixels, the ``group`` most similar ``patch`` x ``patch``
+    patches (distance summed over the channels) within ``search`` pixels are found. Each
+    iteration stacks every group as a ``group`` x (patch² x channels) matrix, removes its mean
+    patch, keeps the singular components whose singular value exceeds ``t (sqrt(group) +
+    sqrt(patch² x channels))`` (about the largest singular value of a matrix of noise of
+    standard deviation ``t``), averages the overlapping patches and re-inserts the observed
+    entries. ``t`` falls geometrically from ``thresholds[0]`` to ``thresholds[1]`` (intensities
+    in [0, 1]). The basis adapts to each group, so repeated structure (texture, edges along their
+    length) is recovered from far fewer samples than a fixed transform needs.
 
     Parameters
     ----------
     y, observed, start
-        As in :func:`dct_fill`; ``start`` is usually its result.
+        As in :func:`dct_fill`; ``start`` is usually its result (groups are matched on it).
+    split : bool or None
+        Group the channels' orthonormal DCT components apart (for RGB: luminance and two colour
+        differences, each group of patch² entries) instead of whole colour patches. Where
+        channels are missing apart, this recovers a missing channel from the observed ones (the
+        colour differences' groups are of very low rank); where whole pixels are missing, whole
+        colour patches do slightly better. ``None`` (default): split when at least a tenth of the
+        missing entries have another channel observed at the same pixel.
 
     Returns
     -------
     (S, C, H, W) tensor
         ``start`` unchanged for planes smaller than a patch or with more than ``max_channels``
-        channels (the groups would not fit in memory).
+        channels.
 
     Notes
     -----
-    Cost: about 5 s for a 256 x 256 RGB image on 2 CPU cores, linear in the number of pixels;
-    groups are processed in chunks of ``chunk`` (about 65 MB of work space for an RGB image at
-    the default). Deterministic. It starts from a high threshold,
-    so it re-decides what the DCT fill recovered: on strictly periodic texture (a brick wall) the
-    DCT fill is better, and the solver's held-out entries choose between them.
+    Measured (scripts outside the repository, README "How it works"): on six 256 x 256 photos
+    with 10, 30 and 50 % of pixels observed, 0.3-1.3 dB above the earlier fixed-transform group
+    fill (hard thresholds in a DCT of the patches, along the group and across the channels,
+    groups of 8 re-matched every 10 iterations), except one photo (rocket: -0.15 to -0.20 dB at 30
+    and 50 %). Matching once on the start is better than re-matching on the intermediate
+    estimates, which the high early thresholds smooth. Cost: about 4 s for a 256 x 256 RGB image
+    on 2 CPU cores (7 s split), linear in the number of pixels; groups are processed in chunks of
+    ``chunk`` references (about 13 MB of work space each), projected in parallel threads.
+    Deterministic.
     """
     obs = observed.expand_as(y)
     S, C, H, W = y.shape
@@ -449,45 +461,58 @@ def nonlocal_fill(y: torch.Tensor, observed: torch.Tensor, start: torch.Tensor, 
         return x.to(y.dtype)
     R = int(search)
     K = max(1, min(int(group), min(H - p + 1, R + 1) * min(W - p + 1, R + 1)))
-    dev = y.device
-    D = _dct_matrix(p, dev)
-    Dp = torch.kron(D, D)  # the 2-D DCT of a flattened patch
-    Dk = _dct_matrix(K, dev)
-    Dc = _dct_matrix(C, dev) if C > 1 else None
+    miss = ~obs
+    if split is None:  # a tenth of the missing entries lie where another channel is observed
+        split = C > 1 and int((miss & obs.any(dim=1, keepdim=True)).sum()) >= 0.1 * int(miss.sum())
+    Dc = _dct_matrix(C, y.device) if split else torch.eye(C, device=y.device)
+    G, c = (C, 1) if split else (1, C)  # groups of G components of c channels each
+    level = math.sqrt(K) + math.sqrt(c * p * p)  # largest singular value of a K x d matrix of unit noise
     yv = y.to(torch.float32)
-    pix = (torch.arange(p, device=dev)[:, None] * W + torch.arange(p, device=dev)[None, :]).reshape(-1)
     t0, t1 = (float(t) for t in thresholds)
     n_it = int(iterations)
+    dev = y.device
+    pix = (torch.arange(p, device=dev)[:, None] * W + torch.arange(p, device=dev)[None, :]).reshape(-1)
+
+    def project(flat, idx, t):
+        g = flat[idx].reshape(-1, K, p * p, G, c)  # (n, K, patch entries, components, channels)
+        g = g.permute(3, 0, 1, 2, 4).reshape(-1, K, p * p * c)
+        r = _low_rank(g, t * level).reshape(G, -1, K, p * p, c)
+        return r.permute(1, 2, 3, 0, 4).reshape(-1, C)
+
+    pool = ThreadPoolExecutor(max(1, min(4, torch.get_num_threads())))
     for s in range(S):
-        xs = x[s]
         if bool(obs[s].all()):
             continue
+        xs = x[s]
+        top = _block_match(xs, p, int(step), R, K)  # (N, K) flat indices of top-left corners
+        chunks = [(q[:, :, None] + pix).reshape(-1) for q in top.split(int(chunk))]  # entries' indices
+        cover = torch.zeros(H * W, device=dev)
+        for idx in chunks:
+            cover.index_add_(0, idx, torch.ones(idx.numel(), device=dev))
+        cover = cover[:, None]
         for k in range(n_it):
             t = t0 * (t1 / t0) ** (k / max(n_it - 1, 1))
-            if k % int(rematch) == 0:
-                top = _block_match(xs, p, int(step), R, K)  # (N, K)
-            flat_x = xs.reshape(C, H * W)
-            acc = torch.zeros_like(flat_x)
-            wsum = torch.zeros(H * W, device=dev)
-            for a in range(0, top.shape[0], int(chunk)):
-                idx = (top[a:a + int(chunk), :, None] + pix).reshape(-1)  # (n * K * p * p)
-                n = idx.numel() // (K * p * p)
-                g = flat_x[:, idx].reshape(C, n, K, p * p)
-                if Dc is not None:
-                    g = torch.einsum("mc,cnke->mnke", Dc, g)
-                c = torch.einsum("lk,mnke->mnle", Dk, g @ Dp.T)
-                keep = c.abs() > t
-                keep[:, :, 0, 0] = True  # the group's mean
-                wgt = 1.0 / keep.sum(dim=(0, 2, 3)).to(torch.float32)  # (n,)
-                r = torch.einsum("lk,mnle->mnke", Dk, c * keep) @ Dp
-                if Dc is not None:
-                    r = torch.einsum("mc,mnke->cnke", Dc, r)
-                acc.index_add_(1, idx, (r * wgt[None, :, None, None]).reshape(C, -1))
-                wsum.index_add_(0, idx, wgt[:, None].expand(n, K * p * p).reshape(-1))
-            est = torch.where(wsum > 0, acc / wsum.clamp(min=1e-12), flat_x).reshape(C, H, W)
-            xs = torch.where(obs[s], yv[s], est)
+            flat = (Dc @ xs.reshape(C, H * W)).T.contiguous()  # (H W, C): a patch's entries are rows
+            acc = torch.zeros_like(flat)
+            # Batched eigh runs on one core: the chunks are projected in parallel threads, and
+            # added up in order (deterministic).
+            for idx, r in zip(chunks, pool.map(lambda i: project(flat, i, t), chunks)):
+                acc.index_add_(0, idx, r)
+            est = torch.where(cover > 0, acc / cover.clamp(min=1), flat)  # (a step over the patch size)
+            xs = torch.where(obs[s], yv[s], (Dc.T @ est.T).reshape(C, H, W))
         x[s] = xs
+    pool.shutdown()
     return x.to(y.dtype)
+
+
+def _low_rank(g: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Groups ``g`` (n, K, d) with their mean patch removed projected on the singular components
+    above ``threshold``, mean restored."""
+    mean = g.mean(dim=1, keepdim=True)
+    g = g - mean
+    ev, V = torch.linalg.eigh(g @ g.transpose(1, 2))  # the group's singular values, squared
+    V = V * (ev > threshold ** 2)[:, None, :]
+    return V @ (V.transpose(1, 2) @ g) + mean
 
 
 class Denoising(Operator):
