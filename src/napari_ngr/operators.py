@@ -510,9 +510,24 @@ def _low_rank(g: torch.Tensor, threshold: float) -> torch.Tensor:
     above ``threshold``, mean restored."""
     mean = g.mean(dim=1, keepdim=True)
     g = g - mean
-    ev, V = torch.linalg.eigh(g @ g.transpose(1, 2))  # the group's singular values, squared
-    V = V * (ev > threshold ** 2)[:, None, :]
-    return V @ (V.transpose(1, 2) @ g) + mean
+    # The squared singular values are the Gram matrix's eigenvalues. A shift of the diagonal by a
+    # thousandth of the threshold keeps the eigenvectors and makes near-zero groups (flat or
+    # saturated areas: entries of 1e-18, on which LAPACK fails or returns NaN) well-conditioned.
+    shift = 1e-3 * threshold ** 2
+    gram = g @ g.transpose(1, 2) + shift * torch.eye(g.shape[1], dtype=g.dtype, device=g.device)
+    try:
+        ev, V = torch.linalg.eigh(gram)
+    except torch.linalg.LinAlgError:  # rare: decompose one by one, leaving the failures as they are
+        ev, V = torch.zeros(gram.shape[:2], dtype=g.dtype), torch.full_like(gram, math.nan)
+        for i in range(gram.shape[0]):
+            try:
+                ev[i], V[i] = torch.linalg.eigh(gram[i])
+            except torch.linalg.LinAlgError:
+                pass
+    ok = torch.isfinite(V).all(dim=(1, 2)) & torch.isfinite(ev).all(dim=1)
+    V = torch.where(ok[:, None, None], V, 0.0) * (ev - shift > threshold ** 2)[:, None, :]
+    r = V @ (V.transpose(1, 2) @ g)
+    return torch.where(ok[:, None, None], r, g) + mean  # a group LAPACK cannot decompose is left as it is
 
 
 class Denoising(Operator):
