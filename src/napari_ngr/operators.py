@@ -479,29 +479,28 @@ def nonlocal_fill(y: torch.Tensor, observed: torch.Tensor, start: torch.Tensor, 
         r = _low_rank(g, t * level).reshape(G, -1, K, p * p, c)
         return r.permute(1, 2, 3, 0, 4).reshape(-1, C)
 
-    pool = ThreadPoolExecutor(max(1, min(4, torch.get_num_threads())))
-    for s in range(S):
-        if bool(obs[s].all()):
-            continue
-        xs = x[s]
-        top = _block_match(xs, p, int(step), R, K)  # (N, K) flat indices of top-left corners
-        chunks = [(q[:, :, None] + pix).reshape(-1) for q in top.split(int(chunk))]  # entries' indices
-        cover = torch.zeros(H * W, device=dev)
-        for idx in chunks:
-            cover.index_add_(0, idx, torch.ones(idx.numel(), device=dev))
-        cover = cover[:, None]
-        for k in range(n_it):
-            t = t0 * (t1 / t0) ** (k / max(n_it - 1, 1))
-            flat = (Dc @ xs.reshape(C, H * W)).T.contiguous()  # (H W, C): a patch's entries are rows
-            acc = torch.zeros_like(flat)
-            # Batched eigh runs on one core: the chunks are projected in parallel threads, and
-            # added up in order (deterministic).
-            for idx, r in zip(chunks, pool.map(lambda i: project(flat, i, t), chunks)):
-                acc.index_add_(0, idx, r)
-            est = torch.where(cover > 0, acc / cover.clamp(min=1), flat)  # (a step over the patch size)
-            xs = torch.where(obs[s], yv[s], (Dc.T @ est.T).reshape(C, H, W))
-        x[s] = xs
-    pool.shutdown()
+    with ThreadPoolExecutor(max(1, min(4, torch.get_num_threads()))) as pool:
+        for s in range(S):
+            if bool(obs[s].all()):
+                continue
+            xs = x[s]
+            top = _block_match(xs, p, int(step), R, K)  # (N, K) flat indices of top-left corners
+            chunks = [(q[:, :, None] + pix).reshape(-1) for q in top.split(int(chunk))]  # entries' indices
+            cover = torch.zeros(H * W, device=dev)
+            for idx in chunks:
+                cover.index_add_(0, idx, torch.ones(idx.numel(), device=dev))
+            cover = cover[:, None]
+            for k in range(n_it):
+                t = t0 * (t1 / t0) ** (k / max(n_it - 1, 1))
+                flat = (Dc @ xs.reshape(C, H * W)).T.contiguous()  # (H W, C): a patch's entries are rows
+                acc = torch.zeros_like(flat)
+                # Batched eigh runs on one core: the chunks are projected in parallel threads, and
+                # added up in order (deterministic).
+                for idx, r in zip(chunks, pool.map(lambda i: project(flat, i, t), chunks)):
+                    acc.index_add_(0, idx, r)
+                est = torch.where(cover > 0, acc / cover.clamp(min=1), flat)  # (a step over the patch size)
+                xs = torch.where(obs[s], yv[s], (Dc.T @ est.T).reshape(C, H, W))
+            x[s] = xs
     return x.to(y.dtype)
 
 
@@ -518,7 +517,7 @@ def _low_rank(g: torch.Tensor, threshold: float) -> torch.Tensor:
     try:
         ev, V = torch.linalg.eigh(gram)
     except torch.linalg.LinAlgError:  # rare: decompose one by one, leaving the failures as they are
-        ev, V = torch.zeros(gram.shape[:2], dtype=g.dtype), torch.full_like(gram, math.nan)
+        ev, V = torch.zeros(gram.shape[:2], dtype=g.dtype, device=g.device), torch.full_like(gram, math.nan)
         for i in range(gram.shape[0]):
             try:
                 ev[i], V[i] = torch.linalg.eigh(gram[i])
