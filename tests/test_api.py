@@ -354,11 +354,11 @@ def test_returned_denoised_image_is_one_solve_with_the_averaged_gradient_term(rg
             napari_ngr.denoise(noisy, channel_axis=-1, iterations=1, final_weight=bad)
 
 
-@pytest.mark.parametrize("prefilter", ["none", "nlmeans"])
+@pytest.mark.parametrize("prefilter", ["none", "nlmeans", "lowrank"])
 def test_held_out_noisy_entries_never_reach_the_iterates(gray48, prefilter):
     """``final_weight="auto"`` holds entries out of the data term: changing their observed values
-    changes nothing the loop computes (the NL-means prefilter included), only the validation and
-    the final solve."""
+    changes nothing the loop computes (the NL-means and low-rank prefilters included), only the
+    validation and the final solve."""
     from napari_ngr.operators import Denoising
     from napari_ngr.solver import Restoration, SolverOptions
 
@@ -375,7 +375,7 @@ def test_held_out_noisy_entries_never_reach_the_iterates(gray48, prefilter):
     assert torch.equal(b.noise_held, held)
     torch.testing.assert_close(a.gavg, b.gavg, atol=0, rtol=0)
     torch.testing.assert_close(a.x, b.x, atol=0, rtol=0)
-    if prefilter == "nlmeans":
+    if prefilter != "none":
         torch.testing.assert_close(a._prefiltered, b._prefiltered, atol=0, rtol=0)
     assert not torch.equal(a.estimate(), b.estimate())  # the final solve sees every observation
 
@@ -442,13 +442,13 @@ def test_network_modes_are_checked(gray48):
 
 
 def test_single_images_return_the_best_held_out_check(gray48, rgb48, stack):
-    """Grey and colour images (no stack axis) start from NL-means and return the check with the
+    """Grey and colour images (no stack axis) start from the low-rank prefilter and return the check with the
     lowest estimated held-out error: that error is reported at every check, the returned image is
     that check's solve, and the loop stops ``patience`` checks after the best. Stacks do not."""
     noisy = gray48 + 0.1 * np.random.default_rng(0).standard_normal(gray48.shape)
     job = napari_ngr.prepare_denoise(noisy, iterations=400, sigma=0.1)
     r = job._r
-    assert r.opt.prefilter == "nlmeans" and r.opt.select == "holdout"
+    assert r.opt.prefilter == "lowrank" and r.opt.select == "holdout"
     res = job.run()
     assert all(h["discrepancy"] is None for h in res.history)  # the held-out checks replace that stop
     checks = [(h["iteration"], h["validation"]) for h in res.history if h["validation"] is not None]
@@ -461,7 +461,7 @@ def test_single_images_return_the_best_held_out_check(gray48, rgb48, stack):
     ref = r.grad.solve(r.state.best_fields + wn * r.full_operator.y, wn)
     np.testing.assert_allclose(res.image, job._to_user(ref), atol=1e-5)
     assert psnr(gray48, res.image) > psnr(gray48, noisy) + 4.5
-    assert napari_ngr.prepare_denoise(rgb48, channel_axis=-1, iterations=1)._r.opt.prefilter == "nlmeans"
+    assert napari_ngr.prepare_denoise(rgb48, channel_axis=-1, iterations=1)._r.opt.prefilter == "lowrank"
     for other in (dict(image=stack), dict(image=rgb48, noise="mixed"), dict(image=np.zeros((8, 16, 16)), channel_axis=0)):
         opt = napari_ngr.prepare_denoise(iterations=1, **other)._r.opt
         assert opt.prefilter == "none" and opt.select == "last", other

@@ -366,3 +366,40 @@ def test_nonlocal_fill_survives_nearly_flat_groups():
     out = nonlocal_fill(y, o, torch.full_like(y, 0.5))
     assert bool(torch.isfinite(out).all())
     assert float((out[0, :, :, :20] - 0.5).abs().max()) < 1e-3  # the flat half stays flat
+
+
+def test_low_rank_denoise_beats_nl_means_on_a_photo_and_is_deterministic():
+    """The prefilter of single-image Gaussian denoising: on a 64 x 64 RGB crop at sigma = 0.1
+    and 0.2, groups of similar patches (matched on the NL-means) reduced to their components
+    above the noise's beat the NL-means they were matched on (measured: 29.78 / 27.14 dB and
+    25.45 / 22.78), grouping luminance and colour differences apart (the default for colour)
+    beats whole colour patches, and the result is deterministic."""
+    from conftest import psnr
+    from skimage import data
+
+    from napari_ngr.operators import low_rank_denoise, nl_means_planes
+
+    gt = (data.astronaut()[100:228:2, 50:178:2] / 255.0).transpose(2, 0, 1)[None]
+    for sigma, margin in ((0.1, 1.5), (0.2, 1.5)):
+        y = torch.from_numpy((gt + np.random.default_rng(0).normal(0, sigma, gt.shape)).astype(np.float32))
+        nlm = nl_means_planes(y, sigma)
+        out = low_rank_denoise(y, sigma, guide=nlm)
+        assert out.shape == y.shape and out.dtype == torch.float32
+        assert psnr(gt, out.numpy()) > psnr(gt, nlm.numpy()) + margin, sigma
+        assert torch.equal(out, low_rank_denoise(y, sigma, guide=nlm, split=True))
+        assert torch.equal(out, low_rank_denoise(y, sigma, guide=nlm))
+        whole = low_rank_denoise(y, sigma, guide=nlm, split=False)
+        assert psnr(gt, out.numpy()) > psnr(gt, whole.numpy()) + 0.5, sigma
+
+
+def test_low_rank_denoise_flattens_pure_noise_and_leaves_tiny_planes():
+    """On a flat image the groups have no component above the noise's: the result is the flat
+    value, within a small fraction of sigma; planes smaller than a patch are returned as they are."""
+    from napari_ngr.operators import low_rank_denoise
+
+    rng = np.random.default_rng(1)
+    y = torch.from_numpy((0.5 + 0.1 * rng.standard_normal((2, 1, 48, 40))).astype(np.float32))
+    out = low_rank_denoise(y, 0.1)
+    assert float((out - 0.5).std()) < 0.02 and abs(float(out.mean()) - 0.5) < 0.01
+    tiny = torch.from_numpy(rng.random((1, 3, 6, 30)).astype(np.float32))
+    assert torch.equal(low_rank_denoise(tiny, 0.1), tiny)

@@ -38,7 +38,8 @@ No ground truth is used anywhere. Which iterate is returned (see :class:`Restora
   term from the start (:meth:`Restoration.final_weight`). With ``select="holdout"`` that estimated
   error is measured every ``check_every`` iterations; the check with the lowest one is returned
   and the loop stops after ``patience`` checks without a new best. ``prefilter="nlmeans"`` starts
-  from, and guides the network by, the NL-means of the observation (held-out entries imputed).
+  from, and guides the network by, the NL-means of the observation (held-out entries imputed);
+  ``prefilter="lowrank"`` by its low-rank patch-group denoising, patches matched on that NL-means.
   ``fallback="nlmeans"`` returns NL-means of the observation, or a mix of it and the NGR image,
   where that predicts the held-out entries clearly better (:meth:`Restoration.nlmeans_weight`).
 """
@@ -59,7 +60,7 @@ import torch
 
 from .gradients import GradientSolver, forward_difference
 from .network import GradientNet, SeparateGradientNets
-from .operators import Denoising, Inpainting, Operator, nl_means_planes, nl_means_stack
+from .operators import Denoising, Inpainting, Operator, low_rank_denoise, nl_means_planes, nl_means_stack
 
 __all__ = ["SolverOptions", "Progress", "Restoration", "FINAL_WEIGHTS", "NLMEANS_WEIGHTS", "resolve_precision"]
 
@@ -129,7 +130,9 @@ class SolverOptions:
     input_noise: float = 0.03
     guide: float = 0.0
     guide_refresh: int = 0
-    prefilter: str = "none"  # fused data terms: "nlmeans" starts from, and guides by, NL-means of y
+    # fused data terms: "nlmeans" starts from, and guides by, NL-means of y; "lowrank" by its
+    # low-rank patch-group denoising (operators.low_rank_denoise), patches matched on the NL-means
+    prefilter: str = "none"
     # fused data terms: "holdout" returns the check with the lowest held-out error (needs
     # final_weight="auto" and enough held-out entries; else as "last"; replaces discrepancy)
     select: str = "last"
@@ -294,8 +297,8 @@ class Restoration:
             self.x = cands[name].to(self.device)
         else:
             self.x = self.operator.initial_estimate().to(self.device)
-        if options.prefilter not in ("none", "nlmeans"):
-            raise ValueError(f"prefilter must be 'none' or 'nlmeans', got {options.prefilter!r}")
+        if options.prefilter not in ("none", "nlmeans", "lowrank"):
+            raise ValueError(f"prefilter must be 'none', 'nlmeans' or 'lowrank', got {options.prefilter!r}")
         if options.select not in ("last", "holdout"):
             raise ValueError(f"select must be 'last' or 'holdout', got {options.select!r}")
         if options.fallback not in ("none", "nlmeans"):
@@ -303,9 +306,12 @@ class Restoration:
         self._full_fallback = None
         self._fallback_nlm = None  # fallback="nlmeans": NL-means (held-out entries imputed) at those entries
         self._prefiltered = None
-        if options.prefilter == "nlmeans" and getattr(operator, "sigma", None):
+        if options.prefilter != "none" and getattr(operator, "sigma", None):
             # Held-out entries are imputed in the initial estimate: their values stay unseen.
-            self._prefiltered = self.x = nl_means_planes(self.x, self.operator.sigma)
+            pre = nl_means_planes(self.x, self.operator.sigma)
+            if options.prefilter == "lowrank":  # its patches matched on the NL-means
+                pre = low_rank_denoise(self.x, self.operator.sigma, guide=pre)
+            self._prefiltered = self.x = pre
         n_in = options.input_channels + (planes if options.guide > 0 else 0)
         levels = max(0, min(options.levels, int(math.log2(min(H, W))) - 2))  # coarsest map >= 2 px
         net_cls = GradientNet if options.shared_trunk else SeparateGradientNets
