@@ -83,7 +83,11 @@ DEFAULTS = {
     # "holdout"``; stop after 4 checks without a new best). The discrepancy stop fires too early from
     # that start; it remains the fallback where nothing is held out (fixed final_weight, tiny images).
     # Measured at sigma 0.1 (benchmarks/quality.py; README): +1.0 dB on the astronaut, +1.9 dB on
-    # camera, -0.1 dB on brick. Stacks and spectra keep the Gaussian guide of the estimate,
+    # camera, -0.1 dB on brick (NL-means start against none, before the low-rank one). From the
+    # low-rank start the network adds little (astronaut sigma 0.1: the start alone 31.09 dB, the
+    # returned check 30.82 at 250 iterations, 30.90 at 300, 31.01 at 425; most photos stop before
+    # 300), so single images get ``planar_iterations`` (300) and meet the 30 s target on 2 cores.
+    # Stacks and spectra keep the Gaussian guide of the estimate,
     # refreshed: a per-plane NL-means ignores the third axis that NGR uses there (synthetic Z-stack:
     # -0.9 dB with it).
     # ``fallback="nlmeans"``: a leave-one-out NL-means (nl_means_stack; on stacks with 2-D patches
@@ -91,7 +95,7 @@ DEFAULTS = {
     # held-out entries (Restoration.nlmeans_weight). Measured (README): NL-means returned on the
     # camera-pan video (31.66 dB against NGR 28.44), mixes on a time-lapse and two nuclei crops.
     # Not for spectra (``band_options``).
-    "denoise": dict(iterations=600, mixed_iterations=250, spatial_weight=1.0, channel_weight=0.5, stack_weight=0.5,
+    "denoise": dict(iterations=600, mixed_iterations=250, planar_iterations=300, spatial_weight=1.0, channel_weight=0.5, stack_weight=0.5,
                     band_weight=2.0,
                     options=dict(ema=0.9, holdout=0.05, guide=1.0, guide_refresh=25, data_weight=0.01,
                                  final_weight="auto", discrepancy=1.0, min_iterations=20, fallback="nlmeans"),
@@ -639,11 +643,13 @@ def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="g
     if sigma is not None and (not np.isfinite(sigma) or sigma <= 0):
         raise ValueError(f"sigma must be a positive number (input units) or None, got {sigma!r}")
     s = None if sigma is None else max(float(sigma) / scaler.scale, 1e-3)
+    S, C = layout.internal_shape[:2]
+    planar = noise == "gaussian" and S == 1 and C <= BAND_CHANNELS
     if iterations is None and noise == "mixed":
         iterations = DEFAULTS["denoise"]["mixed_iterations"]
-    S, C = layout.internal_shape[:2]
-    opt = _options("denoise", iterations, seed, options, planar=noise == "gaussian" and S == 1 and C <= BAND_CHANNELS,
-                   bands=C > BAND_CHANNELS)
+    elif iterations is None and planar:
+        iterations = DEFAULTS["denoise"]["planar_iterations"]
+    opt = _options("denoise", iterations, seed, options, planar=planar, bands=C > BAND_CHANNELS)
     weights = _axes_weights(layout, *_weights_or_default("denoise", spatial_weight, channel_weight, stack_weight,
                                                          layout.internal_shape[1]))
     dw = DEFAULTS["denoise"]["options"]["data_weight"] if data_weight is None else float(data_weight)
@@ -689,7 +695,12 @@ def denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="gaussian"
     channel_weight : float, optional
         As in :func:`inpaint`; the default is 0.5 up to 4 channels (colours) and 2.0 above
         (spectral bands, see :func:`default_weights`).
-    channel_axis, axes, iterations, spatial_weight, stack_weight, seed, device, callback, return_gradients, **options
+    iterations : int, optional
+        Iteration budget; the loop may stop earlier (see Notes). Default:
+        ``DEFAULTS["denoise"]["iterations"]`` (600) for stacks and spectra,
+        ``["planar_iterations"]`` (300) for single grey or colour images with Gaussian noise,
+        ``["mixed_iterations"]`` (250) with ``noise="mixed"``.
+    channel_axis, axes, spatial_weight, stack_weight, seed, device, callback, return_gradients, **options
         As in :func:`inpaint`.
 
     Returns
@@ -720,7 +731,7 @@ def denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="gaussian"
       Every 25 iterations (``check_every``) the held-out error of the image that would be returned
       is estimated, the best check is kept and returned (``select="holdout"``;
       ``result.best_iteration`` says which), and the run stops after 4 checks (``patience``)
-      without a new best, or after ``iterations`` (default 600). With a fixed ``final_weight``,
+      without a new best, or after ``iterations`` (default 300 here, 600 elsewhere). With a fixed ``final_weight``,
       or an image too small to hold out 64 entries, nothing is held out and the discrepancy stop
       below applies;
     * stacks (Z, T) and spectra (more than 4 channels), where a per-plane filter would ignore the

@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
         sol = p.add_argument_group("restoration")
         sol.add_argument("--iterations", type=_positive_int, metavar="N",
                          help=f"iteration budget (default {d['iterations']}"
+                              + (f"; {d['planar_iterations']} for a single grey or colour image"
+                                 if "planar_iterations" in d else "")
                               + (f"; {d['mixed_iterations']} with --noise mixed" if "mixed_iterations" in d else "")
                               + ")")
         sol.add_argument("--spatial-weight", type=_float_ge0, metavar="W",
