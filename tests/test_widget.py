@@ -471,6 +471,30 @@ def test_settings_persist_between_sessions(make_napari_viewer, isolated_settings
         w2.deleteLater()
 
 
+@pytest.mark.parametrize("stack", [False, True])
+def test_auto_iterations_use_the_library_default_for_the_data(make_napari_viewer, qtbot, errors, stack):
+    import napari_ngr
+
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    shape = (4, SIZE, SIZE) if stack else (SIZE, SIZE)
+    viewer.add_image((0.5 + 0.1 * rng.standard_normal(shape)).astype(np.float32), name="noisy")
+    w = RestoreWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Restore (NGR)", area="right")
+    w.task_combo.setCurrentText("denoise")
+    # a fresh widget shows "auto" (0) and passes iterations=None: the library picks the budget
+    assert w.iterations_spin.value() == 0 and w.iterations_spin.text() == "auto"
+    expected = napari_ngr.DEFAULTS["denoise"]["iterations" if stack else "planar_iterations"]
+    qtbot.mouseClick(w.run_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: w._pbar is not None and w._pbar.total is not None and w._pbar.n >= 1, timeout=30_000)
+    assert w._pbar.total == expected
+    qtbot.mouseClick(w.run_button, Qt.MouseButton.LeftButton)  # Cancel
+    qtbot.waitUntil(lambda: not w.is_running, timeout=30_000)
+    assert errors == []
+    assert "noisy restored (cancelled)" in [layer.name for layer in viewer.layers]
+    assert w.last_result.iteration < expected
+
+
 def test_defaults_follow_active_image_and_topmost_fitting_mask(make_napari_viewer):
     viewer = make_napari_viewer()
     a = viewer.add_image(np.zeros((SIZE, SIZE), np.float32), name="a")

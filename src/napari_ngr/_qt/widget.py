@@ -333,10 +333,13 @@ class RestoreWidget(QWidget):
         self.axes_hint = QLabel("")
         self.axes_hint.setStyleSheet("color: gray;")
         self.iterations_spin = QSpinBox()
-        self.iterations_spin.setRange(1, 100_000)
+        self.iterations_spin.setRange(0, 100_000)
         self.iterations_spin.setSingleStep(50)
-        self.iterations_spin.setToolTip("Iteration budget (inpainting may stop earlier when the held-out\n"
-                                        "pixels stop improving).")
+        self.iterations_spin.setSpecialValueText("auto")  # 0: the library's default for the data
+        self.iterations_spin.setToolTip("Iteration budget (the run may stop earlier when the held-out\n"
+                                        "pixels stop improving). auto (0): the library's default for the\n"
+                                        "task and the data, e.g. denoising 300 for a single image, 600\n"
+                                        "for a stack (napari_ngr.DEFAULTS).")
         self.strength_spin = QDoubleSpinBox()
         self.strength_spin.setRange(0.01, 100.0)
         self.strength_spin.setDecimals(2)
@@ -469,12 +472,8 @@ class RestoreWidget(QWidget):
         self.early_stop_check.setChecked(_setting(s, "early_stopping", "true", str).lower() in ("true", "1"))
 
     def _load_iterations(self):
-        import napari_ngr
-
-        task = self.task
-        default = int(napari_ngr.DEFAULTS[task]["iterations"])
-        self.iterations_spin.blockSignals(True)
-        self.iterations_spin.setValue(_setting(self._settings, f"{task}/iterations", default, int))
+        self.iterations_spin.blockSignals(True)  # remembered per task; 0 ("auto", the default): the library's
+        self.iterations_spin.setValue(_setting(self._settings, f"{self.task}/iterations", 0, int))
         self.iterations_spin.blockSignals(False)
 
     def _save_settings(self, *_):
@@ -642,7 +641,7 @@ class RestoreWidget(QWidget):
         n_channels = _layer_shape(image)[axes.index("C")] if "C" in axes else 1
         d = napari_ngr.default_weights(task, n_channels)
         s = float(self.strength_spin.value())
-        params = dict(axes=self.axes, iterations=int(self.iterations_spin.value()),
+        params = dict(axes=self.axes, iterations=int(self.iterations_spin.value()) or None,  # 0: auto
                       spatial_weight=d["spatial_weight"] * s, channel_weight=d["channel_weight"] * s,
                       stack_weight=d["stack_weight"] * s, seed=int(self.seed_spin.value()),
                       device=self.device, preview_every=int(self.preview_spin.value()))
