@@ -392,18 +392,29 @@ def _block_match(x: torch.Tensor, patch: int, step: int, search: int, group: int
     RY, RX = (g.reshape(-1) for g in torch.meshgrid(ry, rx, indexing="ij"))
     xp = F.pad(x[None], (R, R, R, R), mode="replicate")[0]
     offs = [(dy, dx) for dy in range(-R, R + 1) for dx in range(-R, R + 1)]
+    # (offsets, references) float32: the one work array that grows with the image (about 1.8 kB per
+    # reference at the default search of 10 px).
     dist = torch.empty(len(offs), RY.numel(), device=x.device)
     y0, x0, y1, x1 = RY, RX, RY + p, RX + p
     for i, (dy, dx) in enumerate(offs):
         d = ((x - xp[:, R + dy:R + dy + H, R + dx:R + dx + W]) ** 2).sum(0)
         cs = F.pad(d.double().cumsum(0).cumsum(1), (1, 0, 1, 0))  # box sums at the references only
         dist[i] = (cs[y1, x1] - cs[y0, x1] - cs[y1, x0] + cs[y0, x0]).float()
-    oy = torch.tensor([o[0] for o in offs], device=x.device)[:, None] + RY[None]
-    ox = torch.tensor([o[1] for o in offs], device=x.device)[:, None] + RX[None]
-    dist[(oy < 0) | (ox < 0) | (oy > H - p) | (ox > W - p)] = math.inf
+        oy, ox = RY + dy, RX + dx
+        dist[i].masked_fill_((oy < 0) | (ox < 0) | (oy > H - p) | (ox > W - p), math.inf)
     dist[len(offs) // 2] = -1.0  # the reference first
     idx = dist.topk(group, dim=0, largest=False).indices  # (group, N)
-    return (oy.gather(0, idx) * W + ox.gather(0, idx)).T.contiguous()
+    del dist
+    off_y = torch.tensor([o[0] for o in offs], device=x.device)
+    off_x = torch.tensor([o[1] for o in offs], device=x.device)
+    return ((off_y[idx] + RY[None]) * W + off_x[idx] + RX[None]).T.contiguous()
+
+
+def _in_order(pool: ThreadPoolExecutor, fn, items: list, window: int):
+    """``pool.map(fn, items)``, at most ``window`` items in flight: the results come in order
+    (deterministic sums) and only a window of them is held at a time."""
+    for i in range(0, len(items), window):
+        yield from pool.map(fn, items[i:i + window])
 
 
 def nonlocal_fill(y: torch.Tensor, observed: torch.Tensor, start: torch.Tensor, *, patch: int = 8,
@@ -474,21 +485,24 @@ def nonlocal_fill(y: torch.Tensor, observed: torch.Tensor, start: torch.Tensor, 
     dev = y.device
     pix = (torch.arange(p, device=dev)[:, None] * W + torch.arange(p, device=dev)[None, :]).reshape(-1)
 
-    def project(flat, idx, t):
+    def project(flat, q, t):
+        idx = (q[:, :, None] + pix).reshape(-1)  # the groups' entries (flat indices)
         g = flat[idx].reshape(-1, K, p * p, G, c)  # (n, K, patch entries, components, channels)
         g = g.permute(3, 0, 1, 2, 4).reshape(-1, K, p * p * c)
         r = _low_rank(g, t * level).reshape(G, -1, K, p * p, c)
-        return r.permute(1, 2, 3, 0, 4).reshape(-1, C)
+        return idx, r.permute(1, 2, 3, 0, 4).reshape(-1, C)
 
-    with ThreadPoolExecutor(max(1, min(4, torch.get_num_threads()))) as pool:
+    workers = max(1, min(4, torch.get_num_threads()))
+    with ThreadPoolExecutor(workers) as pool:
         for s in range(S):
             if bool(obs[s].all()):
                 continue
             xs = x[s]
             top = _block_match(xs, p, int(step), R, K)  # (N, K) flat indices of top-left corners
-            chunks = [(q[:, :, None] + pix).reshape(-1) for q in top.split(int(chunk))]  # entries' indices
+            tops = list(top.split(int(chunk)))
             cover = torch.zeros(H * W, device=dev)
-            for idx in chunks:
+            for q in tops:
+                idx = (q[:, :, None] + pix).reshape(-1)
                 cover.index_add_(0, idx, torch.ones(idx.numel(), device=dev))
             cover = cover[:, None]
             for k in range(n_it):
@@ -496,8 +510,9 @@ def nonlocal_fill(y: torch.Tensor, observed: torch.Tensor, start: torch.Tensor, 
                 flat = (Dc @ xs.reshape(C, H * W)).T.contiguous()  # (H W, C): a patch's entries are rows
                 acc = torch.zeros_like(flat)
                 # Batched eigh runs on one core: the chunks are projected in parallel threads, and
-                # added up in order (deterministic).
-                for idx, r in zip(chunks, pool.map(lambda i: project(flat, i, t), chunks)):
+                # added up in order (deterministic); the entries' indices are made per chunk, so the
+                # work space stays a few chunks whatever the image size.
+                for idx, r in _in_order(pool, lambda q: project(flat, q, t), tops, 4 * workers):
                     acc.index_add_(0, idx, r)
                 est = torch.where(cover > 0, acc / cover.clamp(min=1), flat)  # (a step over the patch size)
                 xs = torch.where(obs[s], yv[s], (Dc.T @ est.T).reshape(C, H, W))
@@ -671,19 +686,20 @@ def low_rank_denoise(x: torch.Tensor, sigma: float, *, guide: torch.Tensor | Non
     pix = (torch.arange(p, device=x.device)[:, None] * W + torch.arange(p, device=x.device)[None, :]).reshape(-1)
     out = torch.empty_like(xv)
 
-    def project(flat, idx):
+    def project(flat, q):
+        idx = (q[:, :, None] + pix).reshape(-1)
         g = flat[idx].reshape(-1, K, p * p, G, c).permute(3, 0, 1, 2, 4).reshape(-1, K, p * p * c)
         r = _low_rank(g, threshold).reshape(G, -1, K, p * p, c)
-        return r.permute(1, 2, 3, 0, 4).reshape(-1, C)
+        return idx, r.permute(1, 2, 3, 0, 4).reshape(-1, C)
 
-    with ThreadPoolExecutor(max(1, min(4, torch.get_num_threads()))) as pool:
+    workers = max(1, min(4, torch.get_num_threads()))
+    with ThreadPoolExecutor(workers) as pool:
         for s in range(S):
-            top = _block_match(gv[s], p, int(step), R, K)
-            chunks = [(q[:, :, None] + pix).reshape(-1) for q in top.split(int(chunk))]
+            tops = list(_block_match(gv[s], p, int(step), R, K).split(int(chunk)))
             flat = (Dc @ xv[s].reshape(C, H * W)).T.contiguous()
             acc = torch.zeros_like(flat)
             cover = torch.zeros(H * W, 1, device=x.device)
-            for idx, r in zip(chunks, pool.map(lambda i: project(flat, i), chunks)):  # added in order
+            for idx, r in _in_order(pool, lambda q: project(flat, q), tops, 4 * workers):  # added in order
                 acc.index_add_(0, idx, r)
                 cover.index_add_(0, idx, torch.ones(idx.numel(), 1, device=x.device))
             est = torch.where(cover > 0, acc / cover.clamp(min=1), flat)
