@@ -72,11 +72,12 @@ def test_gradient_axes_named_per_layout(rgb48, stack):
 
 
 def test_third_axis_gradient_is_used(gray48):
-    """On a Z-stack of similar planes, the Z gradient (default weight) helps by a clear margin."""
+    """On a Z-stack of similar planes, the Z gradient (default weight) helps by a clear margin
+    (the network's estimate: ``fallback="none"``, else the NL-means fallback may be returned)."""
     zstack = np.stack([gray48 * (0.8 + 0.04 * z) for z in range(6)])
     noisy = zstack + np.random.default_rng(0).normal(0, 0.15, zstack.shape)
-    with_z = napari_ngr.denoise(noisy, sigma=0.15, iterations=30)
-    without = napari_ngr.denoise(noisy, sigma=0.15, iterations=30, stack_weight=0.0)
+    with_z = napari_ngr.denoise(noisy, sigma=0.15, iterations=30, fallback="none")
+    without = napari_ngr.denoise(noisy, sigma=0.15, iterations=30, stack_weight=0.0, fallback="none")
     assert psnr(zstack, with_z) > psnr(zstack, without) + 0.5
 
 
@@ -481,7 +482,7 @@ def test_nlmeans_fallback_is_returned_only_when_its_held_out_error_is_lower(stac
     estimate, on the held-out entries like the NGR estimate alone and returns the lowest
     (``fallback="nlmeans"``), saying so in ``method`` and ``nlmeans_weight``."""
     from napari_ngr.operators import nl_means_stack
-    from napari_ngr.solver import NLMEANS_WEIGHTS
+    from napari_ngr.solver import GUIDED_H, NLMEANS_WEIGHTS
 
     board, noisy = moving_board  # five iterations: the network has learnt little, NL-means wins
     job = napari_ngr.prepare_denoise(noisy, iterations=5, sigma=0.1)
@@ -495,8 +496,15 @@ def test_nlmeans_fallback_is_returned_only_when_its_held_out_error_is_lower(stac
     assert st.nlmeans_scores[0] == pytest.approx(st.final_score, rel=1e-4, abs=1e-7)
     assert st.nlmeans_scores[-1] == pytest.approx(st.fallback_score, rel=1e-4, abs=1e-7)
     assert min(st.nlmeans_scores) == st.nlmeans_scores[-1] < st.final_score
-    ref = nl_means_stack(r.full_operator.y, r.operator.sigma)  # every entry, held-out ones too
+    # On a stack the candidates are plain NL-means (None) and NL-means weighted on the low-rank
+    # pilot (GUIDED_H); the lowest held-out error is chosen and recomputed from every entry.
+    assert set(st.fallback_scores) == {None, *GUIDED_H}
+    assert st.fallback_score == min(st.fallback_scores.values()) == st.fallback_scores[st.fallback_h]
+    assert st.fallback_h is not None  # the pilot's weights win on the moving board
+    ref = nl_means_stack(r.full_operator.y, r.operator.sigma, h=st.fallback_h, guide=r._pilot)  # held-out ones too
     np.testing.assert_allclose(res.image, job._to_user(ref), atol=1e-5)
+    plain = nl_means_stack(r.full_operator.y, r.operator.sigma)
+    assert psnr(board, res.image) > psnr(board, job._to_user(plain)) + 1
     ngr = napari_ngr.prepare_denoise(noisy, iterations=5, sigma=0.1, fallback="none").run()
     assert ngr.method == "NGR" and ngr.nlmeans_weight == 0 and ngr.best_iteration == 5
     assert ngr.final_weight is not None

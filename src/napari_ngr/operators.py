@@ -370,16 +370,22 @@ def nonlocal_applies(shape, patch: int = 8, max_channels: int = 16) -> bool:
     return min(shape[-2:]) >= patch and shape[1] <= max_channels
 
 
-def _block_match(x: torch.Tensor, patch: int, step: int, search: int, group: int) -> torch.Tensor:
+def _block_match(x: torch.Tensor, patch: int, step: int, search: int, group: int, *,
+                 candidates: torch.Tensor | None = None, ref: int = 0, max_work: int = 1 << 26) -> torch.Tensor:
     """Top-left flat indices ``(N, group)`` of the patches most similar to each reference patch.
 
     ``x`` is one ``(C, H, W)`` plane stack; reference patches lie on a grid of ``step`` (the last
     row and column included), candidates within ``search`` pixels of the reference, and the
     distance is the squared difference summed over the patch and the channels (the reference
-    itself comes first).
+    itself comes first). ``candidates`` ``(P, C, H, W)``, whose plane ``ref`` is ``x``: the
+    patches are searched in each of its planes (neighbouring Z slices or frames), and the indices
+    are flat in ``candidates.reshape(P * H * W)``. The distances of at most about
+    ``max_work`` (offset, reference) pairs are held at a time (256 MB by default); the best so far
+    are merged with each batch of offsets.
     """
     F = torch.nn.functional
     C, H, W = x.shape
+    cand = x[None] if candidates is None else candidates
     p, R = patch, search
     ys = list(range(0, H - p + 1, step))
     xs = list(range(0, W - p + 1, step))
@@ -390,24 +396,37 @@ def _block_match(x: torch.Tensor, patch: int, step: int, search: int, group: int
     ry = torch.tensor(ys, device=x.device)
     rx = torch.tensor(xs, device=x.device)
     RY, RX = (g.reshape(-1) for g in torch.meshgrid(ry, rx, indexing="ij"))
-    xp = F.pad(x[None], (R, R, R, R), mode="replicate")[0]
-    offs = [(dy, dx) for dy in range(-R, R + 1) for dx in range(-R, R + 1)]
-    # (offsets, references) float32: the one work array that grows with the image (about 1.8 kB per
-    # reference at the default search of 10 px).
-    dist = torch.empty(len(offs), RY.numel(), device=x.device)
+    N = RY.numel()
+    offs = [(t, dy, dx) for t in range(cand.shape[0]) for dy in range(-R, R + 1) for dx in range(-R, R + 1)]
+    batch = max(group, int(max_work) // max(N, 1))
     y0, x0, y1, x1 = RY, RX, RY + p, RX + p
-    for i, (dy, dx) in enumerate(offs):
-        d = ((x - xp[:, R + dy:R + dy + H, R + dx:R + dx + W]) ** 2).sum(0)
-        cs = F.pad(d.double().cumsum(0).cumsum(1), (1, 0, 1, 0))  # box sums at the references only
-        dist[i] = (cs[y1, x1] - cs[y0, x1] - cs[y1, x0] + cs[y0, x0]).float()
-        oy, ox = RY + dy, RX + dx
-        dist[i].masked_fill_((oy < 0) | (ox < 0) | (oy > H - p) | (ox > W - p), math.inf)
-    dist[len(offs) // 2] = -1.0  # the reference first
-    idx = dist.topk(group, dim=0, largest=False).indices  # (group, N)
-    del dist
-    off_y = torch.tensor([o[0] for o in offs], device=x.device)
-    off_x = torch.tensor([o[1] for o in offs], device=x.device)
-    return ((off_y[idx] + RY[None]) * W + off_x[idx] + RX[None]).T.contiguous()
+    best_d = best_i = None
+    for b0 in range(0, len(offs), batch):
+        part = offs[b0:b0 + batch]
+        dist = torch.empty(len(part), N, device=x.device)
+        padded = {}
+        for i, (t, dy, dx) in enumerate(part):
+            if t not in padded:  # offsets run plane by plane: one padded plane at a time
+                padded = {t: F.pad(cand[t][None], (R, R, R, R), mode="replicate")[0]}
+            other = padded[t]
+            d = ((x - other[:, R + dy:R + dy + H, R + dx:R + dx + W]) ** 2).sum(0)
+            cs = F.pad(d.double().cumsum(0).cumsum(1), (1, 0, 1, 0))  # box sums at the references only
+            dist[i] = (cs[y1, x1] - cs[y0, x1] - cs[y1, x0] + cs[y0, x0]).float()
+            oy, ox = RY + dy, RX + dx
+            dist[i].masked_fill_((oy < 0) | (ox < 0) | (oy > H - p) | (ox > W - p), math.inf)
+            if (t, dy, dx) == (ref, 0, 0):
+                dist[i] = -1.0  # the reference first
+        ids = torch.arange(b0, b0 + len(part), device=x.device)[:, None].expand(-1, N)
+        if best_d is not None:
+            dist, ids = torch.cat([best_d, dist]), torch.cat([best_i, ids])
+        top = dist.topk(min(group, dist.shape[0]), dim=0, largest=False).indices  # (group, N)
+        best_d, best_i = dist.gather(0, top), ids.gather(0, top)
+        del dist, ids
+    off_t = torch.tensor([o[0] for o in offs], device=x.device)
+    off_y = torch.tensor([o[1] for o in offs], device=x.device)
+    off_x = torch.tensor([o[2] for o in offs], device=x.device)
+    flat = off_t[best_i] * (H * W) + (off_y[best_i] + RY[None]) * W + off_x[best_i] + RX[None]
+    return flat.T.contiguous()
 
 
 def _in_order(pool: ThreadPoolExecutor, fn, items: list, window: int):
@@ -629,7 +648,7 @@ def nl_means_planes(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def low_rank_denoise(x: torch.Tensor, sigma: float, *, guide: torch.Tensor | None = None, patch: int = 8,
                      step: int = 3, search: int = 10, group: int = 32, tau: float = 1.1,
-                     split: bool | None = None, chunk: int = 256) -> torch.Tensor:
+                     plane_distance: int = 0, split: bool | None = None, chunk: int = 256) -> torch.Tensor:
     """Gaussian denoising of every plane of an ``(S, C, H, W)`` tensor by the low rank of groups of similar patches.
 
     For reference patches on a grid of ``step`` pixels, the ``group`` most similar ``patch`` x
@@ -650,6 +669,9 @@ def low_rank_denoise(x: torch.Tensor, sigma: float, *, guide: torch.Tensor | Non
         Noise standard deviation, in ``x``'s units.
     guide : tensor, optional
         ``x``'s shape; patches are matched on it.
+    plane_distance : int
+        Also match 2-D patches in this many planes on either side of the reference's (Z slices,
+        frames; 0: within its plane). A group's patches are put back in their own planes.
     split : bool or None
         Group the channels' orthonormal DCT components apart (for RGB: luminance and two colour
         differences); ``None`` (default): for more than one channel. An orthonormal transform
@@ -684,7 +706,6 @@ def low_rank_denoise(x: torch.Tensor, sigma: float, *, guide: torch.Tensor | Non
     G, c = (C, 1) if split else (1, C)
     threshold = float(tau) * float(sigma) * (math.sqrt(K) + math.sqrt(c * p * p))
     pix = (torch.arange(p, device=x.device)[:, None] * W + torch.arange(p, device=x.device)[None, :]).reshape(-1)
-    out = torch.empty_like(xv)
 
     def project(flat, q):
         idx = (q[:, :, None] + pix).reshape(-1)
@@ -692,23 +713,27 @@ def low_rank_denoise(x: torch.Tensor, sigma: float, *, guide: torch.Tensor | Non
         r = _low_rank(g, threshold).reshape(G, -1, K, p * p, c)
         return idx, r.permute(1, 2, 3, 0, 4).reshape(-1, C)
 
+    pd = max(0, int(plane_distance))
+    # (S H W, C): a patch's entries are rows; groups may take patches from other planes
+    flat = (Dc @ xv.permute(1, 0, 2, 3).reshape(C, S * H * W)).T.contiguous()
+    acc = torch.zeros_like(flat)
+    cover = torch.zeros(S * H * W, 1, device=x.device)
     workers = max(1, min(4, torch.get_num_threads()))
     with ThreadPoolExecutor(workers) as pool:
         for s in range(S):
-            tops = list(_block_match(gv[s], p, int(step), R, K).split(int(chunk)))
-            flat = (Dc @ xv[s].reshape(C, H * W)).T.contiguous()
-            acc = torch.zeros_like(flat)
-            cover = torch.zeros(H * W, 1, device=x.device)
-            for idx, r in _in_order(pool, lambda q: project(flat, q), tops, 4 * workers):  # added in order
-                acc.index_add_(0, idx, r)
+            t0, t1 = max(0, s - pd), min(S, s + pd + 1)
+            top = _block_match(gv[s], p, int(step), R, K, candidates=gv[t0:t1], ref=s - t0) + t0 * H * W
+            for idx, r in _in_order(pool, lambda q: project(flat, q), list(top.split(int(chunk))), 4 * workers):
+                acc.index_add_(0, idx, r)  # added in order: deterministic
                 cover.index_add_(0, idx, torch.ones(idx.numel(), 1, device=x.device))
-            est = torch.where(cover > 0, acc / cover.clamp(min=1), flat)
-            out[s] = (Dc.T @ est.T).reshape(C, H, W)
-    return out.to(x.dtype)
+    est = torch.where(cover > 0, acc / cover.clamp(min=1), flat)
+    out = (Dc.T @ est.T).reshape(C, S, H, W).permute(1, 0, 2, 3)
+    return out.to(x.dtype).contiguous()
 
 
 def nl_means_stack(x: torch.Tensor, sigma: float, *, patch_size: int = 5, patch_distance: int = 6,
-                   plane_distance: int = 2, h: float = 0.6, block: int = 1 << 22) -> torch.Tensor:
+                   plane_distance: int = 2, h: float = 0.6, guide: torch.Tensor | None = None,
+                   block: int = 1 << 22) -> torch.Tensor:
     """Leave-one-out non-local means of an ``(S, C, H, W)`` stack, 2-D patches matched across planes.
 
     Every entry becomes the weighted mean of the *other* entries whose ``patch_size`` x
@@ -723,6 +748,11 @@ def nl_means_stack(x: torch.Tensor, sigma: float, *, patch_size: int = 5, patch_
     entries held out of it is its error everywhere (an entry with no similar patch at all keeps
     its value; where the noise is stronger than ``sigma``, as in the bright parts of shot noise, a
     weight of 1 would keep it in most of them). Borders are reflected. Runs on ``x``'s device.
+
+    With ``guide`` (``x``'s shape, a first estimate such as :func:`low_rank_denoise`), the
+    patches are compared on it and weighted ``exp(-d / (h sigma)^2)`` (no noise floor: the guide
+    is nearly noise-free), the values averaged are still ``x``'s and the entry's own value still
+    gets no weight: the two-stage scheme of BM3D, with NL-means weights as its second stage.
     """
     S, C, H, W = x.shape
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
@@ -732,22 +762,24 @@ def nl_means_stack(x: torch.Tensor, sigma: float, *, patch_size: int = 5, patch_
     for s0 in range(0, S, n):
         s1 = min(S, s0 + n)
         a0, a1 = max(0, s0 - plane_distance), min(S, s1 + plane_distance)
+        g = None if guide is None else guide[a0:a1].float()
         out[s0:s1] = _nl_means_block(x[a0:a1].float(), s0 - a0, s1 - a0, sigma, patch_size,
-                                     patch_distance, plane_distance, h)
+                                     patch_distance, plane_distance, h, g)
     return out.to(x.dtype)
 
 
-def _nl_means_block(x, o0, o1, sigma, patch_size, patch_distance, plane_distance, h):
+def _nl_means_block(x, o0, o1, sigma, patch_size, patch_distance, plane_distance, h, guide=None):
     """:func:`nl_means_stack` of planes ``o0:o1`` of ``x``, whose partners are the planes of ``x``."""
     S, C, H, W = x.shape
     p = patch_size // 2
     pad = patch_distance + p
     mode = "reflect" if pad < min(H, W) else "replicate"
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode=mode)
+    gp = xp if guide is None else torch.nn.functional.pad(guide, (pad, pad, pad, pad), mode=mode)
     c = patch_distance
-    ref = xp[:, :, c:c + H + 2 * p, c:c + W + 2 * p]  # every entry with its patch border
+    ref = gp[:, :, c:c + H + 2 * p, c:c + W + 2 * p]  # every entry with its patch border
     inv_h2 = 1.0 / (h * sigma) ** 2
-    floor = 2.0 * sigma ** 2
+    floor = 2.0 * sigma ** 2 if guide is None else 0.0
     acc = torch.zeros((o1 - o0, C, H, W), dtype=x.dtype, device=x.device)
     wsum = torch.zeros((o1 - o0, 1, H, W), dtype=x.dtype, device=x.device)
     for dt in range(-plane_distance, plane_distance + 1):
@@ -758,11 +790,11 @@ def _nl_means_block(x, o0, o1, sigma, patch_size, patch_distance, plane_distance
             for dx in range(-patch_distance, patch_distance + 1):
                 if dt == 0 and dy == 0 and dx == 0:
                     continue
-                other = xp[lo + dt:hi + dt, :, c + dy:c + dy + H + 2 * p, c + dx:c + dx + W + 2 * p]
+                other = gp[lo + dt:hi + dt, :, c + dy:c + dy + H + 2 * p, c + dx:c + dx + W + 2 * p]
                 d = ((ref[lo:hi] - other) ** 2).mean(dim=1, keepdim=True)
                 d = torch.nn.functional.avg_pool2d(d, patch_size, stride=1)
                 w = torch.exp((floor - d).clamp(max=0.0) * inv_h2)
-                acc[lo - o0:hi - o0] += w * other[:, :, p:p + H, p:p + W]
+                acc[lo - o0:hi - o0] += w * xp[lo + dt:hi + dt, :, c + dy + p:c + dy + p + H, c + dx + p:c + dx + p + W]
                 wsum[lo - o0:hi - o0] += w
     return torch.where(wsum > 0, acc / wsum.clamp(min=1e-30), x[o0:o1])
 

@@ -41,7 +41,9 @@ No ground truth is used anywhere. Which iterate is returned (see :class:`Restora
   from, and guides the network by, the NL-means of the observation (held-out entries imputed);
   ``prefilter="lowrank"`` by its low-rank patch-group denoising, patches matched on that NL-means.
   ``fallback="nlmeans"`` returns NL-means of the observation, or a mix of it and the NGR image,
-  where that predicts the held-out entries clearly better (:meth:`Restoration.nlmeans_weight`).
+  where that predicts the held-out entries clearly better (:meth:`Restoration.nlmeans_weight`);
+  on a stack the NL-means with the lowest held-out error among plain NL-means and NL-means
+  weighted on a low-rank pilot (:meth:`Restoration._nl_means`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ FALLBACK_FINAL_WEIGHT = 0.5
 MIN_HELD = 64
 #: ``fallback="nlmeans"``: the NL-means shares of the returned image that are scored on the held-out entries.
 NLMEANS_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: ``fallback="nlmeans"`` on stacks: the ``h`` (times sigma) of the NL-means weighted on the low-rank
+#: pilot (:meth:`Restoration._nl_means`) that are scored on the held-out entries, with plain NL-means.
+GUIDED_H = (0.3, 0.45, 0.65, 0.9, 1.3)
 #: Inpainting with ``start="auto"``: how much lower (relative) another fill's held-out error must
 #: be to replace the biharmonic one (differences of a few % are within the held-out sampling noise:
 #: measured on a time-lapse and a Z-stack, where the DCT fill was 0.3 / 0.8 dB worse at 1 % / 6 %
@@ -203,6 +208,8 @@ class _State:
     nlmeans_weight: float = 0.0  # fallback="nlmeans": NL-means' share of the returned image
     nlmeans_scores: list | None = None  # estimated held-out errors of the shares NLMEANS_WEIGHTS
     fallback_at: int = -1  # the iteration nlmeans_weight was decided at
+    fallback_h: float | None = None  # stacks: h of the pilot-weighted NL-means chosen (None: plain NL-means)
+    fallback_scores: dict | None = None  # estimated held-out error of each fallback candidate, by h
 
 
 class Restoration:
@@ -305,6 +312,7 @@ class Restoration:
             raise ValueError(f"fallback must be 'none' or 'nlmeans', got {options.fallback!r}")
         self._full_fallback = None
         self._fallback_nlm = None  # fallback="nlmeans": NL-means (held-out entries imputed) at those entries
+        self._pilot = None  # stacks: the low-rank pilot of the fallback's NL-means weights
         self._prefiltered = None
         if options.prefilter != "none" and getattr(operator, "sigma", None):
             # Held-out entries are imputed in the initial estimate: their values stay unseen.
@@ -499,17 +507,36 @@ class Restoration:
         alpha = self.nlmeans_weight()
         if alpha > 0:
             if self._full_fallback is None:  # NL-means of every entry, held-out ones too
-                self._full_fallback = self._nl_means(self.full_operator.initial_estimate().to(self.device))
+                self._full_fallback = self._nl_means(self.full_operator.initial_estimate().to(self.device),
+                                                     h=self.state.fallback_h)[self.state.fallback_h]
             nlm = self.full_operator.compose(self._full_fallback)
             return nlm if alpha >= 1 else (1 - alpha) * self._network_estimate() + alpha * nlm
         return self._network_estimate()
 
-    def _nl_means(self, x: torch.Tensor) -> torch.Tensor:
-        """The fallback's NL-means, :func:`~napari_ngr.operators.nl_means_stack` (leave-one-out, so
-        that its held-out error is honest): patches matched across the two planes on either side
-        of a stack with ``h = 0.6 sigma``, within the plane of a single image with ``0.8 sigma``
-        (five planes offer five times the candidates, each must be closer)."""
-        return nl_means_stack(x, self.operator.sigma, h=0.6 if x.shape[0] > 1 else 0.8)
+    def _nl_means(self, x: torch.Tensor, h: float | None | str = "all") -> dict:
+        """The fallback's candidates, keyed by ``h``: ``None``, NL-means
+        (:func:`~napari_ngr.operators.nl_means_stack`, leave-one-out, so that its held-out error is
+        honest) with patches matched across the two planes on either side of a stack with ``h =
+        0.6 sigma``, within the plane of a single image with ``0.8 sigma`` (five planes offer five
+        times the candidates, each must be closer). On a stack also, for each ``h`` in
+        :data:`GUIDED_H`, NL-means whose weights compare patches of a pilot: the low-rank
+        patch-group denoising of ``x`` (:func:`~napari_ngr.operators.low_rank_denoise`, patches
+        matched across the two planes on either side, on the NL-means). Its values are still
+        ``x``'s, an entry's own value still gets no weight, so its held-out error stays honest
+        (unlike the pilot's own: hard thresholding keeps some of an entry's own noise). ``h``
+        given (a key or ``None``): that candidate only, weighted on the pilot computed before
+        (the held-out split's)."""
+        sigma = self.operator.sigma
+        stack = x.shape[0] > 1
+        if h is None or not stack:
+            return {None: nl_means_stack(x, sigma, h=0.6 if stack else 0.8)}
+        if h != "all":
+            return {h: nl_means_stack(x, sigma, h=h, guide=self._pilot)}
+        plain = nl_means_stack(x, sigma, h=0.6)
+        self._pilot = low_rank_denoise(x, sigma, guide=plain, plane_distance=2)
+        out = {None: plain}
+        out.update({g: nl_means_stack(x, sigma, h=g, guide=self._pilot) for g in GUIDED_H})
+        return out
 
     def _network_estimate(self) -> torch.Tensor:
         """:meth:`estimate` without the NL-means fallback."""
@@ -568,7 +595,8 @@ class Restoration:
 
         With ``fallback="nlmeans"`` (Gaussian denoising of images and stacks, by default), NL-means
         of the observation with the held-out entries imputed is computed (:meth:`_nl_means`:
-        leave-one-out, with 2-D patches matched across neighbouring planes on a stack). Each
+        leave-one-out, with 2-D patches matched across neighbouring planes on a stack; there, of
+        its candidates, the one with the lowest held-out error, ``state.fallback_h``). Each
         ``alpha`` in :data:`NLMEANS_WEIGHTS` is scored on those entries like the NGR estimate
         alone: with ``g`` the NGR image's prediction of a held-out entry ``y`` from the other
         entries, ``a`` the weight the returned image gives an entry's own value (its hat weight),
@@ -591,8 +619,12 @@ class Restoration:
             held = self.noise_held
             y, s2 = op.y[held], op.sigma ** 2
             if self._fallback_nlm is None:  # held-out entries imputed: their values stay unseen
-                self._fallback_nlm = self._nl_means(op.initial_estimate().to(self.device))[held]
-                st.fallback_score = float(torch.mean((self._fallback_nlm - y) ** 2)) - s2
+                cands = self._nl_means(op.initial_estimate().to(self.device))
+                scores = {h: float(torch.mean((v[held] - y) ** 2)) - s2 for h, v in cands.items()}
+                st.fallback_scores = scores
+                st.fallback_h = min(scores, key=lambda h: (scores[h], h is not None))
+                self._fallback_nlm = cands[st.fallback_h][held]
+                st.fallback_score = scores[st.fallback_h]
             if st.best_fields is not None:  # select="holdout": the best check's
                 g, a = st.best_held
             else:
