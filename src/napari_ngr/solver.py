@@ -513,7 +513,7 @@ class Restoration:
             return nlm if alpha >= 1 else (1 - alpha) * self._network_estimate() + alpha * nlm
         return self._network_estimate()
 
-    def _nl_means(self, x: torch.Tensor, h: float | None | str = "all") -> dict:
+    def _nl_means(self, x: torch.Tensor, h: float | None | str = "all", at: torch.Tensor | None = None) -> dict:
         """The fallback's candidates, keyed by ``h``: ``None``, NL-means
         (:func:`~napari_ngr.operators.nl_means_stack`, leave-one-out, so that its held-out error is
         honest) with patches matched across the two planes on either side of a stack with ``h =
@@ -525,19 +525,22 @@ class Restoration:
         ``x``'s, an entry's own value still gets no weight, so its held-out error stays honest
         (unlike the pilot's own: hard thresholding keeps some of an entry's own noise). ``h``
         given (a key or ``None``): that candidate only, weighted on the pilot computed before
-        (the held-out split's)."""
+        (the held-out split's). ``at`` (a boolean mask): each candidate's values there only (the
+        held-out entries: a large stack's six candidates are not all held whole)."""
         sigma = self.operator.sigma
         stack = x.shape[0] > 1
+        pick = (lambda v: v) if at is None else (lambda v: v[at])
         if h is None or not stack:
-            return {None: nl_means_stack(x, sigma, h=0.6 if stack else 0.8)}
+            return {None: pick(nl_means_stack(x, sigma, h=0.6 if stack else 0.8))}
         if h != "all":
-            return {h: nl_means_stack(x, sigma, h=h, guide=self._pilot)}
+            return {h: pick(nl_means_stack(x, sigma, h=h, guide=self._pilot))}
         plain = nl_means_stack(x, sigma, h=0.6)
         # reference patches every 4 px (3 for single images): the weighted NL-means is the same
         # to 0.01 dB on the video, time-lapse and Z-stack samples, the pilot 25-30 % faster
         self._pilot = low_rank_denoise(x, sigma, guide=plain, plane_distance=2, step=4)
-        out = {None: plain}
-        out.update({g: nl_means_stack(x, sigma, h=g, guide=self._pilot) for g in GUIDED_H})
+        out = {None: pick(plain)}
+        for g in GUIDED_H:
+            out[g] = pick(nl_means_stack(x, sigma, h=g, guide=self._pilot))
         return out
 
     def _network_estimate(self) -> torch.Tensor:
@@ -621,11 +624,11 @@ class Restoration:
             held = self.noise_held
             y, s2 = op.y[held], op.sigma ** 2
             if self._fallback_nlm is None:  # held-out entries imputed: their values stay unseen
-                cands = self._nl_means(op.initial_estimate().to(self.device))
-                scores = {h: float(torch.mean((v[held] - y) ** 2)) - s2 for h, v in cands.items()}
+                cands = self._nl_means(op.initial_estimate().to(self.device), at=held)
+                scores = {h: float(torch.mean((v - y) ** 2)) - s2 for h, v in cands.items()}
                 st.fallback_scores = scores
                 st.fallback_h = min(scores, key=lambda h: (scores[h], h is not None))
-                self._fallback_nlm = cands[st.fallback_h][held]
+                self._fallback_nlm = cands[st.fallback_h]
                 st.fallback_score = scores[st.fallback_h]
             if st.best_fields is not None:  # select="holdout": the best check's
                 g, a = st.best_held
