@@ -245,6 +245,8 @@ def test_nl_means_stack_weighted_on_a_guide_leaves_each_entry_out(moving_board):
     plain = nl_means_stack(y, 0.1).numpy()[:, 0]
     guided = nl_means_stack(y, 0.1, h=0.45, guide=guide)
     assert psnr(board, guided.numpy()[:, 0]) > psnr(board, plain) + 1
+    several = nl_means_stack(y, 0.1, h=(0.3, 0.45), guide=guide)  # one pass, a result per h
+    assert torch.equal(several[1], guided) and torch.equal(several[0], nl_means_stack(y, 0.1, h=0.3, guide=guide))
     y2 = y.clone()
     y2[2, 0, 20, 20] += 5.0
     again = nl_means_stack(y2, 0.1, h=0.45, guide=guide)

@@ -753,9 +753,11 @@ def nl_means_stack(x: torch.Tensor, sigma: float, *, patch_size: int = 5, patch_
     patches are compared on it and weighted ``exp(-d / (h sigma)^2)`` (no noise floor: the guide
     is nearly noise-free), the values averaged are still ``x``'s and the entry's own value still
     gets no weight: the two-stage scheme of BM3D, with NL-means weights as its second stage.
+    ``h`` a tuple or list: one result for each, in a list (the patch distances computed once).
     """
     S, C, H, W = x.shape
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    hs = tuple(float(v) for v in h) if isinstance(h, (tuple, list)) else (float(h),)
+    outs = [torch.empty(x.shape, dtype=torch.float32, device=x.device) for _ in hs]
     # Output planes in blocks of about 4 M entries (with their partner planes), so the work space
     # stays a few block-sized buffers however large the stack; the result does not depend on it.
     n = max(1, block // (C * H * W))
@@ -763,13 +765,16 @@ def nl_means_stack(x: torch.Tensor, sigma: float, *, patch_size: int = 5, patch_
         s1 = min(S, s0 + n)
         a0, a1 = max(0, s0 - plane_distance), min(S, s1 + plane_distance)
         g = None if guide is None else guide[a0:a1].float()
-        out[s0:s1] = _nl_means_block(x[a0:a1].float(), s0 - a0, s1 - a0, sigma, patch_size,
-                                     patch_distance, plane_distance, h, g)
-    return out.to(x.dtype)
+        for out, o in zip(outs, _nl_means_block(x[a0:a1].float(), s0 - a0, s1 - a0, sigma, patch_size,
+                                                patch_distance, plane_distance, hs, g)):
+            out[s0:s1] = o
+    outs = [out.to(x.dtype) for out in outs]
+    return outs if isinstance(h, (tuple, list)) else outs[0]
 
 
-def _nl_means_block(x, o0, o1, sigma, patch_size, patch_distance, plane_distance, h, guide=None):
-    """:func:`nl_means_stack` of planes ``o0:o1`` of ``x``, whose partners are the planes of ``x``."""
+def _nl_means_block(x, o0, o1, sigma, patch_size, patch_distance, plane_distance, hs, guide=None):
+    """:func:`nl_means_stack` of planes ``o0:o1`` of ``x``, whose partners are the planes of ``x``,
+    for each ``h`` in ``hs`` (the patch distances are computed once for all of them)."""
     S, C, H, W = x.shape
     p = patch_size // 2
     pad = patch_distance + p
@@ -778,10 +783,10 @@ def _nl_means_block(x, o0, o1, sigma, patch_size, patch_distance, plane_distance
     gp = xp if guide is None else torch.nn.functional.pad(guide, (pad, pad, pad, pad), mode=mode)
     c = patch_distance
     ref = gp[:, :, c:c + H + 2 * p, c:c + W + 2 * p]  # every entry with its patch border
-    inv_h2 = 1.0 / (h * sigma) ** 2
+    inv_h2 = [1.0 / (h * sigma) ** 2 for h in hs]
     floor = 2.0 * sigma ** 2 if guide is None else 0.0
-    acc = torch.zeros((o1 - o0, C, H, W), dtype=x.dtype, device=x.device)
-    wsum = torch.zeros((o1 - o0, 1, H, W), dtype=x.dtype, device=x.device)
+    acc = [torch.zeros((o1 - o0, C, H, W), dtype=x.dtype, device=x.device) for _ in hs]
+    wsum = [torch.zeros((o1 - o0, 1, H, W), dtype=x.dtype, device=x.device) for _ in hs]
     for dt in range(-plane_distance, plane_distance + 1):
         lo, hi = max(o0, -dt), min(o1, S - dt)  # output planes s whose partner s + dt exists
         if lo >= hi:
@@ -792,11 +797,13 @@ def _nl_means_block(x, o0, o1, sigma, patch_size, patch_distance, plane_distance
                     continue
                 other = gp[lo + dt:hi + dt, :, c + dy:c + dy + H + 2 * p, c + dx:c + dx + W + 2 * p]
                 d = ((ref[lo:hi] - other) ** 2).mean(dim=1, keepdim=True)
-                d = torch.nn.functional.avg_pool2d(d, patch_size, stride=1)
-                w = torch.exp((floor - d).clamp(max=0.0) * inv_h2)
-                acc[lo - o0:hi - o0] += w * xp[lo + dt:hi + dt, :, c + dy + p:c + dy + p + H, c + dx + p:c + dx + p + W]
-                wsum[lo - o0:hi - o0] += w
-    return torch.where(wsum > 0, acc / wsum.clamp(min=1e-30), x[o0:o1])
+                d = (floor - torch.nn.functional.avg_pool2d(d, patch_size, stride=1)).clamp(max=0.0)
+                val = xp[lo + dt:hi + dt, :, c + dy + p:c + dy + p + H, c + dx + p:c + dx + p + W]
+                for a, ws, k in zip(acc, wsum, inv_h2):
+                    w = torch.exp(d * k)
+                    a[lo - o0:hi - o0] += w * val
+                    ws[lo - o0:hi - o0] += w
+    return [torch.where(ws > 0, a / ws.clamp(min=1e-30), x[o0:o1]) for a, ws in zip(acc, wsum)]
 
 
 def median3(y: np.ndarray) -> np.ndarray:

@@ -539,8 +539,7 @@ class Restoration:
         # to 0.01 dB on the video, time-lapse and Z-stack samples, the pilot 25-30 % faster
         self._pilot = low_rank_denoise(x, sigma, guide=plain, plane_distance=2, step=4)
         out = {None: pick(plain)}
-        for g in GUIDED_H:
-            out[g] = pick(nl_means_stack(x, sigma, h=g, guide=self._pilot))
+        out.update(zip(GUIDED_H, map(pick, nl_means_stack(x, sigma, h=GUIDED_H, guide=self._pilot))))
         return out
 
     def _network_estimate(self) -> torch.Tensor:
