@@ -465,3 +465,21 @@ def test_low_rank_denoise_flattens_pure_noise_and_leaves_tiny_planes():
     assert float((out - 0.5).std()) < 0.02 and abs(float(out.mean()) - 0.5) < 0.01
     tiny = torch.from_numpy(rng.random((1, 3, 6, 30)).astype(np.float32))
     assert torch.equal(low_rank_denoise(tiny, 0.1), tiny)
+
+
+
+def test_patch_group_filters_run_on_the_cpu_for_devices_without_float64(monkeypatch):
+    """On MPS (no float64, no batched eigh) the patch-group filters run on the CPU and their
+    results go back to the input's device. Without an Apple GPU here, the CPU stands in for MPS:
+    the moving branch must give the same results, single tensors and lists alike."""
+    from napari_ngr import operators
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.random((3, 1, 24, 24)).astype(np.float32))
+    direct = operators.low_rank_denoise(x, 0.1, plane_distance=1), operators.nl_means_stack(x, 0.1, h=(0.3, 0.6))
+    monkeypatch.setattr(operators, "_CPU_ONLY_DEVICES", ("cpu",))
+    moved = operators.low_rank_denoise(x, 0.1, plane_distance=1), operators.nl_means_stack(x, 0.1, h=(0.3, 0.6))
+    assert torch.equal(direct[0], moved[0])
+    assert isinstance(moved[1], list) and all(torch.equal(a, b) for a, b in zip(direct[1], moved[1]))
+    for fn in (operators.dct_fill, operators.nonlocal_fill, operators.low_rank_denoise, operators.nl_means_stack):
+        assert fn.__wrapped__ is not None and fn.__doc__  # wrapped, documentation kept

@@ -12,6 +12,7 @@ All tensors are in the solver's internal layout ``(S, C, H, W)``.
 
 from __future__ import annotations
 
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -284,6 +285,26 @@ class Inpainting(Operator):
         return Inpainting(self.y, obs & ~held, start=self.start), held
 
 
+_CPU_ONLY_DEVICES = ("mps",)
+
+
+def _cpu_if_mps(fn):
+    """Run ``fn`` on the CPU when a tensor argument is on Apple's MPS, and move tensor results
+    back: the patch-group filters use float64 sums and batched ``eigh``, which MPS lacks. A no-op
+    on the CPU and CUDA."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        dev = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if dev is None or dev.type not in _CPU_ONLY_DEVICES:
+            return fn(*args, **kwargs)
+        cpu = lambda a: a.cpu() if isinstance(a, torch.Tensor) else a  # noqa: E731
+        out = fn(*map(cpu, args), **{k: cpu(v) for k, v in kwargs.items()})
+        return [o.to(dev) for o in out] if isinstance(out, list) else out.to(dev)
+
+    return wrapper
+
+
 def _dct_matrix(n: int, device, dtype=torch.float32) -> torch.Tensor:
     """Orthonormal DCT-II matrix (rows are the basis vectors)."""
     k = torch.arange(n, dtype=torch.float64)
@@ -292,6 +313,7 @@ def _dct_matrix(n: int, device, dtype=torch.float32) -> torch.Tensor:
     return m.to(device=device, dtype=dtype)
 
 
+@_cpu_if_mps
 def dct_fill(y: torch.Tensor, observed: torch.Tensor, start: torch.Tensor, *, block: int = 8,
              iterations: int = 100, thresholds: tuple = (0.2, 0.005), step: int | None = None,
              max_channels: int = 16, seed: int = 0) -> torch.Tensor:
@@ -436,6 +458,7 @@ def _in_order(pool: ThreadPoolExecutor, fn, items: list, window: int):
         yield from pool.map(fn, items[i:i + window])
 
 
+@_cpu_if_mps
 def nonlocal_fill(y: torch.Tensor, observed: torch.Tensor, start: torch.Tensor, *, patch: int = 8,
                   step: int = 4, search: int = 8, group: int = 16, iterations: int = 40,
                   thresholds: tuple = (0.1, 0.005), max_channels: int = 16,
@@ -646,6 +669,7 @@ def nl_means_planes(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.from_numpy(out).to(x.device)
 
 
+@_cpu_if_mps
 def low_rank_denoise(x: torch.Tensor, sigma: float, *, guide: torch.Tensor | None = None, patch: int = 8,
                      step: int = 3, search: int = 10, group: int = 32, tau: float = 1.1,
                      plane_distance: int = 0, split: bool | None = None, chunk: int = 256) -> torch.Tensor:
@@ -731,6 +755,7 @@ def low_rank_denoise(x: torch.Tensor, sigma: float, *, guide: torch.Tensor | Non
     return out.to(x.dtype).contiguous()
 
 
+@_cpu_if_mps
 def nl_means_stack(x: torch.Tensor, sigma: float, *, patch_size: int = 5, patch_distance: int = 6,
                    plane_distance: int = 2, h: float = 0.6, guide: torch.Tensor | None = None,
                    block: int = 1 << 22) -> torch.Tensor:

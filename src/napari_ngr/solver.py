@@ -294,7 +294,7 @@ class Restoration:
                 self.start_errors = {k: float(e.mean()) for k, e in sq.items()}
                 best = name
                 for k, e in sq.items():
-                    d = (e - sq[name]).double()
+                    d = (e - sq[name]).cpu().double()  # MPS has no float64
                     if (float(d.mean() + d.std() / math.sqrt(d.numel())) < 0
                             and self.start_errors[k] <= (1 - START_MARGIN) * self.start_errors[name]
                             and self.start_errors[k] < self.start_errors[best]):
