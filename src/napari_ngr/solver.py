@@ -43,7 +43,7 @@ No ground truth is used anywhere. Which iterate is returned (see :class:`Restora
   ``fallback="nlmeans"`` returns NL-means of the observation, or a mix of it and the NGR image,
   where that predicts the held-out entries clearly better (:meth:`Restoration.nlmeans_weight`);
   on a stack the NL-means with the lowest held-out error among plain NL-means and NL-means
-  weighted on a low-rank pilot (:meth:`Restoration._nl_means`).
+  weighted on a low-rank pilot (:meth:`Restoration._fallback_candidates`).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ MIN_HELD = 64
 #: ``fallback="nlmeans"``: the NL-means shares of the returned image that are scored on the held-out entries.
 NLMEANS_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: ``fallback="nlmeans"`` on stacks: the ``h`` (times sigma) of the NL-means weighted on the low-rank
-#: pilot (:meth:`Restoration._nl_means`) that are scored on the held-out entries, with plain NL-means.
+#: pilot (:meth:`Restoration._fallback_candidates`) that are scored on the held-out entries, with plain NL-means.
 GUIDED_H = (0.3, 0.45, 0.65, 0.9, 1.3)
 #: Inpainting with ``start="auto"``: how much lower (relative) another fill's held-out error must
 #: be to replace the biharmonic one (differences of a few % are within the held-out sampling noise:
@@ -508,39 +508,41 @@ class Restoration:
         if alpha > 0:
             if self._full_fallback is None:  # NL-means of every entry, held-out ones too
                 self._full_fallback = self._nl_means(self.full_operator.initial_estimate().to(self.device),
-                                                     h=self.state.fallback_h)[self.state.fallback_h]
+                                                     self.state.fallback_h)
             nlm = self.full_operator.compose(self._full_fallback)
             return nlm if alpha >= 1 else (1 - alpha) * self._network_estimate() + alpha * nlm
         return self._network_estimate()
 
-    def _nl_means(self, x: torch.Tensor, h: float | None | str = "all", at: torch.Tensor | None = None) -> dict:
-        """The fallback's candidates, keyed by ``h``: ``None``, NL-means
+    def _nl_means(self, x: torch.Tensor, h: float | None = None) -> torch.Tensor:
+        """One fallback candidate: ``h=None``, NL-means
         (:func:`~napari_ngr.operators.nl_means_stack`, leave-one-out, so that its held-out error is
         honest) with patches matched across the two planes on either side of a stack with ``h =
         0.6 sigma``, within the plane of a single image with ``0.8 sigma`` (five planes offer five
-        times the candidates, each must be closer). On a stack also, for each ``h`` in
-        :data:`GUIDED_H`, NL-means whose weights compare patches of a pilot: the low-rank
-        patch-group denoising of ``x`` (:func:`~napari_ngr.operators.low_rank_denoise`, patches
-        matched across the two planes on either side, on the NL-means). Its values are still
-        ``x``'s, an entry's own value still gets no weight, so its held-out error stays honest
-        (unlike the pilot's own: hard thresholding keeps some of an entry's own noise). ``h``
-        given (a key or ``None``): that candidate only, weighted on the pilot computed before
-        (the held-out split's). ``at`` (a boolean mask): each candidate's values there only (the
-        held-out entries: a large stack's six candidates are not all held whole)."""
+        times the candidates, each must be closer); a number: NL-means of a stack weighted on the
+        pilot of :meth:`_fallback_candidates` with that ``h``."""
         sigma = self.operator.sigma
-        stack = x.shape[0] > 1
-        pick = (lambda v: v) if at is None else (lambda v: v[at])
-        if h is None or not stack:
-            return {None: pick(nl_means_stack(x, sigma, h=0.6 if stack else 0.8))}
-        if h != "all":
-            return {h: pick(nl_means_stack(x, sigma, h=h, guide=self._pilot))}
-        plain = nl_means_stack(x, sigma, h=0.6)
+        if h is None:
+            return nl_means_stack(x, sigma, h=0.6 if x.shape[0] > 1 else 0.8)
+        return nl_means_stack(x, sigma, h=h, guide=self._pilot)
+
+    def _fallback_candidates(self, x: torch.Tensor, at: torch.Tensor) -> dict:
+        """The fallback's candidates at the entries ``at`` (the held-out ones), keyed by ``h``:
+        ``None``, :meth:`_nl_means`; on a stack also, for each ``h`` in :data:`GUIDED_H`, NL-means
+        whose weights compare patches of a pilot: the low-rank patch-group denoising of ``x``
+        (:func:`~napari_ngr.operators.low_rank_denoise`, patches matched across the two planes on
+        either side, on the NL-means), kept for the candidate's recomputation from all entries.
+        Its values are still ``x``'s, an entry's own value still gets no weight, so its held-out
+        error stays honest (unlike the pilot's own: hard thresholding keeps some of an entry's own
+        noise). Only the values at ``at`` are kept (a large stack's six candidates are not held
+        whole)."""
+        plain = self._nl_means(x)
+        if x.shape[0] == 1:
+            return {None: plain[at]}
         # reference patches every 4 px (3 for single images): the weighted NL-means is the same
         # to 0.01 dB on the video, time-lapse and Z-stack samples, the pilot 25-30 % faster
-        self._pilot = low_rank_denoise(x, sigma, guide=plain, plane_distance=2, step=4)
-        out = {None: pick(plain)}
-        out.update(zip(GUIDED_H, map(pick, nl_means_stack(x, sigma, h=GUIDED_H, guide=self._pilot))))
-        return out
+        self._pilot = low_rank_denoise(x, self.operator.sigma, guide=plain, plane_distance=2, step=4)
+        guided = nl_means_stack(x, self.operator.sigma, h=GUIDED_H, guide=self._pilot)
+        return {None: plain[at], **{h: v[at] for h, v in zip(GUIDED_H, guided)}}
 
     def _network_estimate(self) -> torch.Tensor:
         """:meth:`estimate` without the NL-means fallback."""
@@ -598,7 +600,7 @@ class Restoration:
         """NL-means' share ``alpha`` of the returned image, ``(1 - alpha) NGR + alpha NL-means``.
 
         With ``fallback="nlmeans"`` (Gaussian denoising of images and stacks, by default), NL-means
-        of the observation with the held-out entries imputed is computed (:meth:`_nl_means`:
+        of the observation with the held-out entries imputed is computed (:meth:`_fallback_candidates`:
         leave-one-out, with 2-D patches matched across neighbouring planes on a stack; there, of
         its candidates, the one with the lowest held-out error, ``state.fallback_h``). Each
         ``alpha`` in :data:`NLMEANS_WEIGHTS` is scored on those entries like the NGR estimate
@@ -623,7 +625,7 @@ class Restoration:
             held = self.noise_held
             y, s2 = op.y[held], op.sigma ** 2
             if self._fallback_nlm is None:  # held-out entries imputed: their values stay unseen
-                cands = self._nl_means(op.initial_estimate().to(self.device), at=held)
+                cands = self._fallback_candidates(op.initial_estimate().to(self.device), held)
                 scores = {h: float(torch.mean((v - y) ** 2)) - s2 for h, v in cands.items()}
                 st.fallback_scores = scores
                 st.fallback_h = min(scores, key=lambda h: (scores[h], h is not None))
