@@ -28,6 +28,12 @@ def camera_pan(T=16, size=128):
     return np.stack([cam[t:t + size, 2 * t:2 * t + size] for t in range(T)])
 
 
+def astronaut_pan(T=24, size=256):
+    """A (T, size, size) grey video panning down and right over the 512² astronaut (3 and 2 px a frame)."""
+    img = data.astronaut().astype(np.float64).mean(-1) / 255.0
+    return np.stack([img[3 * t:3 * t + size, 100 + 2 * t:100 + 2 * t + size] for t in range(T)])
+
+
 def psnr(gt, x):
     from skimage.metrics import peak_signal_noise_ratio
 

@@ -6,7 +6,10 @@ default does not use (``precision="auto"`` runs the network in bfloat16 for a si
 CPU with native bfloat16, else in float32: the other one is timed too); then a 200-band 256 x 256
 hyperspectral cube (issue 6: many bands in reasonable memory), inpainting (10 % of entries
 observed) and mixed-noise denoising, timed over a few iterations and projected to the default
-budget. On a CPU without native bfloat16 (AVX512-BF16 or AMX; most laptops), where bfloat16 is
+budget; then the denoising of a 24 x 256² video (sigma 0.1), whose "finish" is the NL-means
+fallback of stacks (a low-rank pilot and six NL-means candidates scored on the held-out entries).
+"finish s" is ``result()`` after the loop: the final data weight and the fallback's candidates
+(denoising), the start rebuilt from every observed entry (inpainting). On a CPU without native bfloat16 (AVX512-BF16 or AMX; most laptops), where bfloat16 is
 emulated and about 8x slower, the bfloat16 rows are likewise timed over ``--bf16-iterations``
 and projected, so that the script ends in minutes, not hours. The header names the CPU's vector
 extension (torch's ``get_cpu_capability``): per-iteration times differ about 3x between an
@@ -66,6 +69,9 @@ def _measure(task, device, threads, over):
         else:
             y, _ = _data.mixed_noise(gt)
             job = napari_ngr.prepare_denoise(y, channel_axis=0, noise="mixed", device=device, **over)
+    elif task == "video-denoise":
+        gt = _data.astronaut_pan()
+        job = napari_ngr.prepare_denoise(_data.noisy(gt, 0.1), device=device, **over)
     elif task == "inpaint":
         obs = _data.observed_mask(0.1)
         job = napari_ngr.prepare_inpaint(np.where(obs[..., None], gt, 0), ~obs, channel_axis=-1, device=device, **over)
@@ -80,8 +86,10 @@ def _measure(task, device, threads, over):
         times.append(now - last)
         last = now
     total = time.perf_counter() - t
+    t = time.perf_counter()
     res = job.result()
-    return float(np.median(times)), res.iteration, total, peak_mb(device), _data.psnr(gt, res.image), prep
+    finish = time.perf_counter() - t
+    return float(np.median(times)), res.iteration, total, peak_mb(device), _data.psnr(gt, res.image), prep, finish
 
 
 def main(argv=None):
@@ -103,35 +111,39 @@ def main(argv=None):
     print(f"\nnapari-ngr {napari_ngr.__version__}, device={args.device}{cpu}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, default precision {auto} (single images; "
           f"stacks {resolve_precision('auto', args.device, False)})\n")
-    print("| case | configuration | s / iteration | iterations | loop s | prepare s | peak MiB | PSNR dB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| case | configuration | s / iteration | iterations | loop s | prepare s | finish s | peak MiB | PSNR dB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for task, name in (("inpaint", "astronaut 256² RGB, 10 % observed"), ("denoise", "astronaut 256² RGB, sigma 0.1")):
-        spi, it, tot, mem, p, prep = measure(task, args.device)
-        print(f"| {name} | napari-ngr defaults ({auto}) | {spi:.3f} | {it} | {tot:.1f} | {prep:.1f} | {mem:.0f} | {p:.2f} |")
+        spi, it, tot, mem, p, prep, fin = measure(task, args.device)
+        print(f"| {name} | napari-ngr defaults ({auto}) | {spi:.3f} | {it} | {tot:.1f} | {prep:.1f} | {fin:.1f} | {mem:.0f} | {p:.2f} |")
         if task == "denoise":  # the budget that fits 30 s on 2 AMX cores, instead of the held-out stop
-            spi, it, tot, mem, p, prep = measure(task, args.device, iterations=250)
-            print(f"| {name} | napari-ngr, iterations=250 | {spi:.3f} | {it} | {tot:.1f} | {prep:.1f} | {mem:.0f} | {p:.2f} |")
+            spi, it, tot, mem, p, prep, fin = measure(task, args.device, iterations=250)
+            print(f"| {name} | napari-ngr, iterations=250 | {spi:.3f} | {it} | {tot:.1f} | {prep:.1f} | {fin:.1f} | {mem:.0f} | {p:.2f} |")
         # the precision the default did not choose
         if auto == "bfloat16":
-            spi, it, tot, mem, p, prep = measure(task, args.device, precision="float32")
-            print(f"| {name} | napari-ngr, precision='float32' | {spi:.3f} | {it} | {tot:.1f} | {prep:.1f} | {mem:.0f} | {p:.2f} |")
+            spi, it, tot, mem, p, prep, fin = measure(task, args.device, precision="float32")
+            print(f"| {name} | napari-ngr, precision='float32' | {spi:.3f} | {it} | {tot:.1f} | {prep:.1f} | {fin:.1f} | {mem:.0f} | {p:.2f} |")
         elif emulated_bf16:  # about 8x slower than float32: time a few iterations, project to the budget
             n = napari_ngr.DEFAULTS[task]["iterations"]
-            spi, it, tot, mem, p, prep = measure(task, args.device, precision="bfloat16", iterations=args.bf16_iterations)
+            spi, it, tot, mem, p, prep, fin = measure(task, args.device, precision="bfloat16", iterations=args.bf16_iterations)
             print(f"| {name} | napari-ngr, precision='bfloat16' (emulated) | {spi:.3f} | {n} (timed {it}) "
-                  f"| {spi * n:.0f} (projected) | {prep:.1f} | {mem:.0f} | - |")
+                  f"| {spi * n:.0f} (projected) | {prep:.1f} | {fin:.1f} | {mem:.0f} | - |")
         else:
-            spi, it, tot, mem, p, prep = measure(task, args.device, precision="bfloat16")
-            print(f"| {name} | napari-ngr, precision='bfloat16' | {spi:.3f} | {it} | {tot:.1f} | {prep:.1f} | {mem:.0f} | {p:.2f} |")
-        spi, it, tot, mem, p, prep = measure(task, args.device, iterations=args.ref_iterations, **REFERENCE)
+            spi, it, tot, mem, p, prep, fin = measure(task, args.device, precision="bfloat16")
+            print(f"| {name} | napari-ngr, precision='bfloat16' | {spi:.3f} | {it} | {tot:.1f} | {prep:.1f} | {fin:.1f} | {mem:.0f} | {p:.2f} |")
+        spi, it, tot, mem, p, prep, fin = measure(task, args.device, iterations=args.ref_iterations, **REFERENCE)
         est = spi * REF_ITERS[task]
         print(f"| {name} | reference mirror (3 nets x 128 ch) | {spi:.3f} | {REF_ITERS[task]} (timed {it}) "
-              f"| {est:.0f} (projected) | {prep:.1f} | {mem:.0f} | - |")
+              f"| {est:.0f} (projected) | {prep:.1f} | {fin:.1f} | {mem:.0f} | - |")
     for task, name, n in (("hsi-inpaint", "HSI 200 bands 256², 10 % observed", napari_ngr.DEFAULTS["inpaint"]["iterations"]),
                           ("hsi-denoise", "HSI 200 bands 256², mixed noise", napari_ngr.DEFAULTS["denoise"]["mixed_iterations"])):
-        spi, it, tot, mem, p, prep = measure(task, args.device, iterations=args.band_iterations)
+        spi, it, tot, mem, p, prep, fin = measure(task, args.device, iterations=args.band_iterations)
         print(f"| {name} | napari-ngr defaults (float32) | {spi:.3f} | {n} (timed {it}) | {spi * n:.0f} (projected) "
-              f"| {prep:.1f} | {mem:.0f} | - |")
+              f"| {prep:.1f} | {fin:.1f} | {mem:.0f} | - |")
+
+    spi, it, tot, mem, p, prep, fin = measure("video-denoise", args.device)
+    print(f"| video 24 x 256² grey, sigma 0.1 | napari-ngr defaults ({resolve_precision('auto', args.device, False)}) "
+          f"| {spi:.3f} | {it} | {tot:.1f} | {prep:.1f} | {fin:.1f} | {mem:.0f} | {p:.2f} |")
 
 
 if __name__ == "__main__":

@@ -276,6 +276,49 @@ def test_block_match_across_planes_and_in_batches():
     assert torch.equal(dup[:, 1], dup[:, 0] + 30 * 33)
 
 
+def test_block_match_matches_its_definition():
+    """Each group holds the reference (first) and the patches at the smallest summed squared
+    distance over the patch and the channels, searched within ``search`` px in every candidate
+    plane (brute force over all offsets); the row of horizontal offsets done one at a time
+    (``row_work``: a large image's work space) gives the same groups. Odd sizes: the last row and
+    column of references lie off the grid of ``step``."""
+    from napari_ngr.operators import _block_match
+
+    P, C, H, W, p, step, R, K = 2, 2, 13, 17, 4, 3, 3, 7
+    x = torch.from_numpy(np.random.default_rng(5).random((P, C, H, W)).astype(np.float32))
+    got = _block_match(x[1], p, step, R, K, candidates=x, ref=1)
+    assert torch.equal(_block_match(x[1], p, step, R, K, candidates=x, ref=1, row_work=1), got)
+    ys, xs = [0, 3, 6, 9], [0, 3, 6, 9, 12, 13]  # H - p = 9 on the grid, W - p = 13 off it
+    assert got.shape == (len(ys) * len(xs), K)
+    xn = x.double().numpy()
+    for n, (y0, x0) in enumerate((a, b) for a in ys for b in xs):
+        dist = {}
+        for t in range(P):
+            for yy in range(max(0, y0 - R), min(H - p, y0 + R) + 1):
+                for xx in range(max(0, x0 - R), min(W - p, x0 + R) + 1):
+                    dist[t * H * W + yy * W + xx] = float(((xn[1, :, y0:y0 + p, x0:x0 + p]
+                                                            - xn[t, :, yy:yy + p, xx:xx + p]) ** 2).sum())
+        ref = H * W + y0 * W + x0
+        assert int(got[n, 0]) == ref
+        best = sorted(v for k, v in dist.items() if k != ref)[:K - 1]
+        np.testing.assert_allclose(sorted(dist[int(k)] for k in got[n, 1:]), best, rtol=1e-5)
+
+
+def test_nl_means_stack_weights_by_squaring_where_h_halves_per_step():
+    """``h`` a factor sqrt(2) apart (the fallback's :data:`GUIDED_H`): each weight is the square of
+    the next one's instead of a new exponential; the results equal separate calls."""
+    from napari_ngr.operators import nl_means_stack
+    from napari_ngr.solver import GUIDED_H
+
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.random((3, 2, 12, 15)).astype(np.float32))
+    g = torch.from_numpy(rng.random((3, 2, 12, 15)).astype(np.float32))
+    assert all(abs((a / b) ** 2 - 0.5) < 1e-9 for a, b in zip(GUIDED_H, GUIDED_H[1:]))
+    together = nl_means_stack(x, 0.2, h=GUIDED_H, guide=g)
+    for h, t in zip(GUIDED_H, together):
+        torch.testing.assert_close(t, nl_means_stack(x, 0.2, h=h, guide=g), rtol=1e-5, atol=1e-6)
+
+
 def test_low_rank_denoise_across_planes_beats_within_planes(moving_board):
     """On a pattern moving between frames, groups matched in the two planes on either side beat
     groups within each plane; ``plane_distance=0`` is the per-plane filter."""

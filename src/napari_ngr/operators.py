@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -392,8 +391,23 @@ def nonlocal_applies(shape, patch: int = 8, max_channels: int = 16) -> bool:
     return min(shape[-2:]) >= patch and shape[1] <= max_channels
 
 
+def _grid_sums(d: torch.Tensor, dim: int, p: int, step: int, n_grid: int, last: int | None) -> torch.Tensor:
+    """Sums of ``p`` consecutive entries of ``d`` along ``dim`` (non-negative) from each of 0,
+    ``step``, ... (``n_grid`` starts) and from ``last`` when it is not None: ``p`` strided slices
+    added, no cumulative sum (whose differences lose precision in float32) and no gather."""
+    span = step * (n_grid - 1) + 1
+    pick = (slice(None),) * dim + (slice(None, None, step),)
+    out = d.narrow(dim, 0, span)[pick]
+    for j in range(1, p):
+        out = out + d.narrow(dim, j, span)[pick]
+    if last is not None:
+        out = torch.cat([out, d.narrow(dim, last, p).sum(dim, keepdim=True)], dim)
+    return out
+
+
 def _block_match(x: torch.Tensor, patch: int, step: int, search: int, group: int, *,
-                 candidates: torch.Tensor | None = None, ref: int = 0, max_work: int = 1 << 26) -> torch.Tensor:
+                 candidates: torch.Tensor | None = None, ref: int = 0, max_work: int = 1 << 26,
+                 row_work: int = 1 << 22) -> torch.Tensor:
     """Top-left flat indices ``(N, group)`` of the patches most similar to each reference patch.
 
     ``x`` is one ``(C, H, W)`` plane stack; reference patches lie on a grid of ``step`` (the last
@@ -401,61 +415,61 @@ def _block_match(x: torch.Tensor, patch: int, step: int, search: int, group: int
     distance is the squared difference summed over the patch and the channels (the reference
     itself comes first). ``candidates`` ``(P, C, H, W)``, whose plane ``ref`` is ``x``: the
     patches are searched in each of its planes (neighbouring Z slices or frames), and the indices
-    are flat in ``candidates.reshape(P * H * W)``. The distances of at most about
-    ``max_work`` (offset, reference) pairs are held at a time (256 MB by default); the best so far
-    are merged with each batch of offsets.
+    are flat in ``candidates.reshape(P * H * W)``. The squared differences of a row of
+    horizontal offsets are computed together (at most about ``row_work`` entries at a time) and
+    summed over the patches at the references only; the distances of at most about ``max_work``
+    (offset, reference) pairs are held at a time (256 MB by default), the best so far merged with
+    each batch of offsets.
     """
     F = torch.nn.functional
     C, H, W = x.shape
     cand = x[None] if candidates is None else candidates
-    p, R = patch, search
-    ys = list(range(0, H - p + 1, step))
-    xs = list(range(0, W - p + 1, step))
-    if ys[-1] != H - p:
-        ys.append(H - p)
-    if xs[-1] != W - p:
-        xs.append(W - p)
-    ry = torch.tensor(ys, device=x.device)
-    rx = torch.tensor(xs, device=x.device)
-    RY, RX = (g.reshape(-1) for g in torch.meshgrid(ry, rx, indexing="ij"))
-    N = RY.numel()
-    offs = [(t, dy, dx) for t in range(cand.shape[0]) for dy in range(-R, R + 1) for dx in range(-R, R + 1)]
-    batch = max(group, int(max_work) // max(N, 1))
-    y0, x0, y1, x1 = RY, RX, RY + p, RX + p
+    p, R, dev = int(patch), int(search), x.device
+    ny_g, nx_g = (H - p) // step + 1, (W - p) // step + 1  # references on the grid of step
+    last_y = H - p if (ny_g - 1) * step != H - p else None  # and the last row and column
+    last_x = W - p if (nx_g - 1) * step != W - p else None
+    ry = torch.tensor([i * step for i in range(ny_g)] + ([last_y] if last_y is not None else []), device=dev)
+    rx = torch.tensor([i * step for i in range(nx_g)] + ([last_x] if last_x is not None else []), device=dev)
+    ny, nx = ry.numel(), rx.numel()
+    N, D = ny * nx, 2 * R + 1
+    nb = max(1, min(D, int(row_work) // max(1, C * H * W)))  # horizontal offsets per pass
+    rows = [(t, dy) for t in range(cand.shape[0]) for dy in range(-R, R + 1)]  # offsets (t, dy, -R..R)
+    per_batch = max(1, max(group, int(max_work) // max(N, 1)) // D)
+    dxs = torch.arange(-R, R + 1, device=dev)
+    bad_x = ((rx[None] + dxs[:, None]) < 0) | ((rx[None] + dxs[:, None]) > W - p)  # (D, nx): outside
     best_d = best_i = None
-    for b0 in range(0, len(offs), batch):
-        part = offs[b0:b0 + batch]
-        dist = torch.empty(len(part), N, device=x.device)
-        padded = {}
-        for i, (t, dy, dx) in enumerate(part):
+    padded = {}
+    for r0 in range(0, len(rows), per_batch):
+        part = rows[r0:r0 + per_batch]
+        dist = torch.empty(len(part), D, ny, nx, device=dev)
+        for i, (t, dy) in enumerate(part):
             if t not in padded:  # offsets run plane by plane: one padded plane at a time
                 padded = {t: F.pad(cand[t][None], (R, R, R, R), mode="replicate")[0]}
-            other = padded[t]
-            d = ((x - other[:, R + dy:R + dy + H, R + dx:R + dx + W]) ** 2).sum(0)
-            cs = F.pad(d.double().cumsum(0).cumsum(1), (1, 0, 1, 0))  # box sums at the references only
-            dist[i] = (cs[y1, x1] - cs[y0, x1] - cs[y1, x0] + cs[y0, x0]).float()
-            oy, ox = RY + dy, RX + dx
-            dist[i].masked_fill_((oy < 0) | (ox < 0) | (oy > H - p) | (ox > W - p), math.inf)
-            if (t, dy, dx) == (ref, 0, 0):
-                dist[i] = -1.0  # the reference first
-        ids = torch.arange(b0, b0 + len(part), device=x.device)[:, None].expand(-1, N)
+            win = padded[t][:, R + dy:R + dy + H, :].unfold(2, W, 1)  # (C, H, D, W): x shifted by dy, dx
+            for a in range(0, D, nb):
+                b = min(D, a + nb)
+                d = (x[0, :, None, :] - win[0, :, a:b]) ** 2  # (H, b - a, W)
+                for k in range(1, C):
+                    d = d + (x[k, :, None, :] - win[k, :, a:b]) ** 2
+                rs = _grid_sums(d, 2, p, step, nx_g, last_x)  # (H, b - a, nx): rows of patches
+                dist[i, a:b] = _grid_sums(rs, 0, p, step, ny_g, last_y).transpose(0, 1)
+            dist[i].masked_fill_((((ry + dy) < 0) | ((ry + dy) > H - p))[None, :, None], math.inf)
+            if (t, dy) == (ref, 0):
+                dist[i, R] = -1.0  # the reference first
+        dist.masked_fill_(bad_x[None, :, None, :], math.inf)
+        dist = dist.reshape(len(part) * D, N)
+        ids = torch.arange(r0 * D, (r0 + len(part)) * D, device=dev)[:, None].expand(-1, N)
         if best_d is not None:
             dist, ids = torch.cat([best_d, dist]), torch.cat([best_i, ids])
         top = dist.topk(min(group, dist.shape[0]), dim=0, largest=False).indices  # (group, N)
         best_d, best_i = dist.gather(0, top), ids.gather(0, top)
         del dist, ids
-    off_t = torch.tensor([o[0] for o in offs], device=x.device)
-    off_y = torch.tensor([o[1] for o in offs], device=x.device)
-    off_x = torch.tensor([o[2] for o in offs], device=x.device)
-    flat = off_t[best_i] * (H * W) + (off_y[best_i] + RY[None]) * W + off_x[best_i] + RX[None]
+    RY, RX = (g.reshape(-1) for g in torch.meshgrid(ry, rx, indexing="ij"))
+    off_t = best_i // (D * D)  # offset id = (t * D + dy + R) * D + dx + R
+    off_y = (best_i // D) % D - R
+    off_x = best_i % D - R
+    flat = off_t * (H * W) + (off_y + RY[None]) * W + off_x + RX[None]
     return flat.T.contiguous()
-
-
-def _in_order(pool: ThreadPoolExecutor, fn, items: list, window: int):
-    """``pool.map(fn, items)``, at most ``window`` items in flight: the results come in order
-    (deterministic sums) and only a window of them is held at a time."""
-    for i in range(0, len(items), window):
-        yield from pool.map(fn, items[i:i + window])
 
 
 @_cpu_if_mps
@@ -503,8 +517,8 @@ def nonlocal_fill(y: torch.Tensor, observed: torch.Tensor, start: torch.Tensor, 
     groups of 8 re-matched every 10 iterations), except one photo (rocket: -0.15 to -0.20 dB at 30
     and 50 %). Matching once on the start is better than re-matching on the intermediate
     estimates, which the high early thresholds smooth. Cost: about 4 s for a 256 x 256 RGB image
-    on 2 CPU cores (7 s split), linear in the number of pixels; groups are processed in chunks of
-    ``chunk`` references (about 13 MB of work space each), projected in parallel threads.
+    on 2 CPU cores (7 s split), linear in the number of pixels; groups are processed one chunk of
+    ``chunk`` references at a time (about 13 MB of work space).
     Deterministic.
     """
     obs = observed.expand_as(y)
@@ -534,30 +548,29 @@ def nonlocal_fill(y: torch.Tensor, observed: torch.Tensor, start: torch.Tensor, 
         r = _low_rank(g, t * level).reshape(G, -1, K, p * p, c)
         return idx, r.permute(1, 2, 3, 0, 4).reshape(-1, C)
 
-    workers = max(1, min(4, torch.get_num_threads()))
-    with ThreadPoolExecutor(workers) as pool:
-        for s in range(S):
-            if bool(obs[s].all()):
-                continue
-            xs = x[s]
-            top = _block_match(xs, p, int(step), R, K)  # (N, K) flat indices of top-left corners
-            tops = list(top.split(int(chunk)))
-            cover = torch.zeros(H * W, device=dev)
+    for s in range(S):
+        if bool(obs[s].all()):
+            continue
+        xs = x[s]
+        top = _block_match(xs, p, int(step), R, K)  # (N, K) flat indices of top-left corners
+        tops = list(top.split(int(chunk)))
+        cover = torch.zeros(H * W, device=dev)
+        for q in tops:
+            idx = (q[:, :, None] + pix).reshape(-1)
+            cover.index_add_(0, idx, torch.ones(idx.numel(), device=dev))
+        cover = cover[:, None]
+        for k in range(n_it):
+            t = t0 * (t1 / t0) ** (k / max(n_it - 1, 1))
+            flat = (Dc @ xs.reshape(C, H * W)).T.contiguous()  # (H W, C): a patch's entries are rows
+            acc = torch.zeros_like(flat)
+            # The entries' indices are made per chunk, so the work space stays a chunk whatever
+            # the image size. No worker threads: projecting chunks in a thread pool was no faster
+            # on 2 cores, and while the pool lived, the main thread's own work ran 2-3x slower.
             for q in tops:
-                idx = (q[:, :, None] + pix).reshape(-1)
-                cover.index_add_(0, idx, torch.ones(idx.numel(), device=dev))
-            cover = cover[:, None]
-            for k in range(n_it):
-                t = t0 * (t1 / t0) ** (k / max(n_it - 1, 1))
-                flat = (Dc @ xs.reshape(C, H * W)).T.contiguous()  # (H W, C): a patch's entries are rows
-                acc = torch.zeros_like(flat)
-                # Batched eigh runs on one core: the chunks are projected in parallel threads, and
-                # added up in order (deterministic); the entries' indices are made per chunk, so the
-                # work space stays a few chunks whatever the image size.
-                for idx, r in _in_order(pool, lambda q: project(flat, q, t), tops, 4 * workers):
-                    acc.index_add_(0, idx, r)
-                est = torch.where(cover > 0, acc / cover.clamp(min=1), flat)  # (a step over the patch size)
-                xs = torch.where(obs[s], yv[s], (Dc.T @ est.T).reshape(C, H, W))
+                idx, r = project(flat, q, t)
+                acc.index_add_(0, idx, r)
+            est = torch.where(cover > 0, acc / cover.clamp(min=1), flat)  # (a step over the patch size)
+            xs = torch.where(obs[s], yv[s], (Dc.T @ est.T).reshape(C, H, W))
             x[s] = xs
     return x.to(y.dtype)
 
@@ -742,14 +755,13 @@ def low_rank_denoise(x: torch.Tensor, sigma: float, *, guide: torch.Tensor | Non
     flat = (Dc @ xv.permute(1, 0, 2, 3).reshape(C, S * H * W)).T.contiguous()
     acc = torch.zeros_like(flat)
     cover = torch.zeros(S * H * W, 1, device=x.device)
-    workers = max(1, min(4, torch.get_num_threads()))
-    with ThreadPoolExecutor(workers) as pool:
-        for s in range(S):
-            t0, t1 = max(0, s - pd), min(S, s + pd + 1)
-            top = _block_match(gv[s], p, int(step), R, K, candidates=gv[t0:t1], ref=s - t0) + t0 * H * W
-            for idx, r in _in_order(pool, lambda q: project(flat, q), list(top.split(int(chunk))), 4 * workers):
-                acc.index_add_(0, idx, r)  # added in order: deterministic
-                cover.index_add_(0, idx, torch.ones(idx.numel(), 1, device=x.device))
+    for s in range(S):
+        t0, t1 = max(0, s - pd), min(S, s + pd + 1)
+        top = _block_match(gv[s], p, int(step), R, K, candidates=gv[t0:t1], ref=s - t0) + t0 * H * W
+        for q in top.split(int(chunk)):  # a chunk of groups at a time (no worker threads: see nonlocal_fill)
+            idx, r = project(flat, q)
+            acc.index_add_(0, idx, r)
+            cover.index_add_(0, idx, torch.ones(idx.numel(), 1, device=x.device))
     est = torch.where(cover > 0, acc / cover.clamp(min=1), flat)
     out = (Dc.T @ est.T).reshape(C, S, H, W).permute(1, 0, 2, 3)
     return out.to(x.dtype).contiguous()
@@ -809,6 +821,9 @@ def _nl_means_block(x, o0, o1, sigma, patch_size, patch_distance, plane_distance
     c = patch_distance
     ref = gp[:, :, c:c + H + 2 * p, c:c + W + 2 * p]  # every entry with its patch border
     inv_h2 = [1.0 / (h * sigma) ** 2 for h in hs]
+    # Weights are made from the largest h down: where 1/h^2 doubles, the weight is the square of
+    # the previous one (a multiplication instead of an exponential).
+    order = sorted(range(len(hs)), key=lambda j: inv_h2[j])
     floor = 2.0 * sigma ** 2 if guide is None else 0.0
     acc = [torch.zeros((o1 - o0, C, H, W), dtype=x.dtype, device=x.device) for _ in hs]
     wsum = [torch.zeros((o1 - o0, 1, H, W), dtype=x.dtype, device=x.device) for _ in hs]
@@ -822,13 +837,30 @@ def _nl_means_block(x, o0, o1, sigma, patch_size, patch_distance, plane_distance
                     continue
                 other = gp[lo + dt:hi + dt, :, c + dy:c + dy + H + 2 * p, c + dx:c + dx + W + 2 * p]
                 d = ((ref[lo:hi] - other) ** 2).mean(dim=1, keepdim=True)
-                d = (floor - torch.nn.functional.avg_pool2d(d, patch_size, stride=1)).clamp(max=0.0)
+                d = (floor - _box_mean(d, patch_size)).clamp(max=0.0)
                 val = xp[lo + dt:hi + dt, :, c + dy + p:c + dy + p + H, c + dx + p:c + dx + p + W]
-                for a, ws, k in zip(acc, wsum, inv_h2):
-                    w = torch.exp(d * k)
-                    a[lo - o0:hi - o0] += w * val
-                    ws[lo - o0:hi - o0] += w
+                w, k0 = None, None
+                for j in order:
+                    k = inv_h2[j]
+                    w = w * w if w is not None and abs(k - 2 * k0) <= 1e-6 * k else torch.exp(d * k)
+                    k0 = k
+                    acc[j][lo - o0:hi - o0].addcmul_(w, val)
+                    wsum[j][lo - o0:hi - o0] += w
     return [torch.where(ws > 0, a / ws.clamp(min=1e-30), x[o0:o1]) for a, ws in zip(acc, wsum)]
+
+
+def _box_mean(d: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of every ``k`` x ``k`` window of ``d`` (..., H, W) -> (..., H - k + 1, W - k + 1):
+    ``avg_pool2d(d, k, stride=1)`` as sums of shifted slices, rows then columns (7x faster on
+    a CPU; equal to rounding)."""
+    H, W = d.shape[-2:]
+    r = d[..., :W - k + 1].clone()
+    for i in range(1, k):
+        r += d[..., i:W - k + 1 + i]
+    out = r[..., :H - k + 1, :].clone()
+    for i in range(1, k):
+        out += r[..., i:H - k + 1 + i, :]
+    return out.div_(k * k)
 
 
 def median3(y: np.ndarray) -> np.ndarray:

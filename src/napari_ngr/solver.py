@@ -74,8 +74,10 @@ MIN_HELD = 64
 #: ``fallback="nlmeans"``: the NL-means shares of the returned image that are scored on the held-out entries.
 NLMEANS_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: ``fallback="nlmeans"`` on stacks: the ``h`` (times sigma) of the NL-means weighted on the low-rank
-#: pilot (:meth:`Restoration._fallback_candidates`) that are scored on the held-out entries, with plain NL-means.
-GUIDED_H = (0.3, 0.45, 0.65, 0.9, 1.3)
+#: pilot (:meth:`Restoration._fallback_candidates`) that are scored on the held-out entries, with plain NL-means:
+#: 0.325, 0.46, 0.65, 0.92 and 1.3, a factor sqrt(2) apart, so that each weight is the square of the
+#: next one's (one exponential for the five).
+GUIDED_H = tuple(1.3 / 2 ** (k / 2) for k in range(4, -1, -1))
 #: Inpainting with ``start="auto"``: how much lower (relative) another fill's held-out error must
 #: be to replace the biharmonic one (differences of a few % are within the held-out sampling noise:
 #: measured on a time-lapse and a Z-stack, where the DCT fill was 0.3 / 0.8 dB worse at 1 % / 6 %
