@@ -397,11 +397,12 @@ def _grid_sums(d: torch.Tensor, dim: int, p: int, step: int, n_grid: int, last: 
     """Sums of ``p`` consecutive entries of ``d`` along ``dim`` (non-negative) from each of 0,
     ``step``, ... (``n_grid`` starts) and from ``last`` when it is not None: ``p`` strided slices
     added, no cumulative sum (whose differences lose precision in float32) and no gather."""
+    dim %= d.dim()
     span = step * (n_grid - 1) + 1
     pick = (slice(None),) * dim + (slice(None, None, step),)
-    out = d.narrow(dim, 0, span)[pick]
+    out = d.narrow(dim, 0, span)[pick].clone()
     for j in range(1, p):
-        out = out + d.narrow(dim, j, span)[pick]
+        out += d.narrow(dim, j, span)[pick]
     if last is not None:
         out = torch.cat([out, d.narrow(dim, last, p).sum(dim, keepdim=True)], dim)
     return out
@@ -853,16 +854,11 @@ def _nl_means_block(x, o0, o1, sigma, patch_size, patch_distance, plane_distance
 
 def _box_mean(d: torch.Tensor, k: int) -> torch.Tensor:
     """Mean of every ``k`` x ``k`` window of ``d`` (..., H, W) -> (..., H - k + 1, W - k + 1):
-    ``avg_pool2d(d, k, stride=1)`` as sums of shifted slices, rows then columns (7x faster on
-    a CPU; equal to rounding)."""
+    ``avg_pool2d(d, k, stride=1)`` as :func:`_grid_sums` with a step of 1, rows then columns (7x
+    faster on a CPU; equal to rounding)."""
     H, W = d.shape[-2:]
-    r = d[..., :W - k + 1].clone()
-    for i in range(1, k):
-        r += d[..., i:W - k + 1 + i]
-    out = r[..., :H - k + 1, :].clone()
-    for i in range(1, k):
-        out += r[..., i:H - k + 1 + i, :]
-    return out.div_(k * k)
+    rows = _grid_sums(d, -1, k, 1, W - k + 1, None)
+    return _grid_sums(rows, -2, k, 1, H - k + 1, None).div_(k * k)
 
 
 def median3(y: np.ndarray) -> np.ndarray:
