@@ -661,3 +661,25 @@ def test_start_deadline_returns_the_start_only_while_no_iterate_beats_it(gray48)
     for bad in (-0.1, 1.5, "half"):
         with pytest.raises(ValueError, match="start_deadline"):
             napari_ngr.prepare_inpaint(img, miss, iterations=2, start_deadline=bad)
+
+
+def test_default_start_deadline_is_a_quarter_for_single_images_and_half_for_stacks():
+    """By default a single image (no Z/T axis, at most 4 channels) gives up on a start that no
+    iterate beats at a quarter of the budget, a stack or a spectrum at half of it."""
+    yy, xx = np.mgrid[:48, :48]  # the smooth image above, where no iterate beats the start
+    smooth = 0.3 + 0.4 * np.exp(-((yy - 22) ** 2 + (xx - 26) ** 2) / 250.0) + 0.002 * xx
+    miss = np.random.default_rng(0).random(smooth.shape) > 0.3
+    kw = dict(iterations=60, warmup=5, min_iterations=0, check_every=5, start="biharmonic")
+    res = napari_ngr.prepare_inpaint(np.where(miss, 0.0, smooth), miss, **kw).run()
+    assert res.iteration == 15 and "start_deadline" in res.stop_reason and res.best_iteration <= 5
+    rgb = np.stack([smooth, 0.9 * smooth, 1.1 * smooth], axis=-1)
+    job = napari_ngr.prepare_inpaint(np.where(miss[..., None], 0.0, rgb), miss, channel_axis=-1, **kw)
+    assert job._r.opt.start_deadline == 0.25
+    stack = np.stack([smooth] * 3)
+    job = napari_ngr.prepare_inpaint(np.where(miss, 0.0, stack), miss, **kw)
+    assert job._r.opt.start_deadline == 0.5
+    cube = np.stack([smooth * (1 + 0.05 * b) for b in range(6)])
+    job = napari_ngr.prepare_inpaint(np.where(miss, 0.0, cube), miss, channel_axis=0, **kw)
+    assert job._r.opt.start_deadline == 0.5
+    job = napari_ngr.prepare_inpaint(np.where(miss, 0.0, smooth), miss, start_deadline=0.5, **kw)
+    assert job._r.opt.start_deadline == 0.5  # an explicit option wins

@@ -18,7 +18,7 @@ __all__ = ["inpaint", "denoise", "decloud", "prepare_inpaint", "prepare_denoise"
            "RestorationResult", "DEFAULTS", "estimate_memory"]
 
 #: Task defaults (normalized [0, 1] intensities). Tuned on the method, not on one image:
-#: see ``benchmarks/quality.py`` and the README.
+#: see ``benchmarks/quality.py`` and docs/design.md.
 DEFAULTS = {
     # Inpainting: the held-out error typically rises for the first ~100-150 ADMM iterations
     # (the network has not yet fitted the start's gradients) before it falls below the start,
@@ -35,10 +35,18 @@ DEFAULTS = {
     # at 20 %: at iteration 260; synthetic Z-stack at 20 %: about 480) and still falls at 1200
     # (Z-stack 43.91 dB at 600, 45.48 at 1200; video 28.42 -> 28.75), while on the photos no
     # iterate beats the nonlocal start in 600 iterations (held-out error 0.99-1.1x the start's at
-    # 600), so they stop at 600 as under the former budget. See the README (traces).
+    # 600), so they stopped at 600 as under the former budget. See docs/design.md (traces).
+    # ``planar_options``: a single image (no Z or T axis, at most 4 channels) gives up on the start
+    # at a quarter of the budget (300 of 1200). Traced on 12 photos and masks (camera at 10 and 50 %,
+    # coffee per entry and blobs, moon, chelsea, rocket, brick, immunohistochemistry with dropped
+    # lines, coins with blobs, astronaut per entry, Hubble field; /tmp driver, start_deadline off,
+    # 600 iterations): where an iterate beat the start (5 of 12) it did so by iteration 60-200;
+    # where none had by 300, none did by 600. The astronaut's rows return the start either way,
+    # 18-22 s sooner on 2 cores.
     "inpaint": dict(iterations=1200, spatial_weight=1.0, channel_weight=0.5, stack_weight=1.0, band_weight=2.0,
                     options=dict(mu=5.0, holdout=0.03, check_every=10, patience=30, patience_tol=0.01,
-                                 min_iterations=250, start_deadline=0.5, guide=0.6, guide_refresh=0, warmup=50)),
+                                 min_iterations=250, start_deadline=0.5, guide=0.6, guide_refresh=0, warmup=50),
+                    planar_options=dict(start_deadline=0.25)),
     # Decloud: inpainting of the clouded entries, started from the temporal fill (nearest clear
     # date after a per-band gain/offset fit). Tuned on 10 scenes of benchmarks/decloud.py's
     # generator (5 images, 2 seeds): the error on the clouds still falls at 600 iterations and
@@ -82,7 +90,7 @@ DEFAULTS = {
     # iterations) whose held-out error, as final_weight="auto" estimates it, is lowest (``select=
     # "holdout"``; stop after 4 checks without a new best). The discrepancy stop fires too early from
     # that start; it remains the fallback where nothing is held out (fixed final_weight, tiny images).
-    # Measured at sigma 0.1 (benchmarks/quality.py; README): +1.0 dB on the astronaut, +1.9 dB on
+    # Measured at sigma 0.1 (benchmarks/quality.py; docs/design.md): +1.0 dB on the astronaut, +1.9 dB on
     # camera, -0.1 dB on brick (NL-means start against none, before the low-rank one). From the
     # low-rank start the network adds little (astronaut sigma 0.1: the start alone 31.09 dB, the
     # returned check 30.82 at 250 iterations, 30.90 at 300, 31.01 at 425; most photos stop before
@@ -94,7 +102,7 @@ DEFAULTS = {
     # matched across +-2 planes) and mixes of it with the NGR image compete with the NGR image on the
     # held-out entries (Restoration.nlmeans_weight). On stacks the NL-means may instead take its
     # weights from a low-rank pilot matched across +-2 planes (operators.low_rank_denoise), h chosen
-    # on the held-out entries (solver.GUIDED_H). Measured (README): on the camera-pan video NL-means
+    # on the held-out entries (solver.GUIDED_H). Measured (docs/design.md): on the camera-pan video NL-means
     # returned, 32.64 dB (31.66 before the pilot; NGR 28.44); Z-stack 25 % mixed, 40.07 (39.34).
     # Not for spectra (``band_options``).
     "denoise": dict(iterations=600, mixed_iterations=250, planar_iterations=300, spatial_weight=1.0, channel_weight=0.5, stack_weight=0.5,
@@ -392,7 +400,8 @@ def _prepare_missing(task, a, layout, m, *, iterations, spatial_weight, channel_
                          "mark them in the mask (nonzero = missing) or replace them")
     scaler = _Scaler(internal, ~missing)
     y = np.where(missing, 0.0, scaler.forward(internal)).astype(np.float32)
-    opt = _options(task, iterations, seed, options)
+    S, C = layout.internal_shape[:2]
+    opt = _options(task, iterations, seed, options, planar=S == 1 and C <= BAND_CHANNELS)
     weights = _axes_weights(layout, *_weights_or_default(task, spatial_weight, channel_weight, stack_weight,
                                                          layout.internal_shape[1]))
     op = Inpainting(torch.from_numpy(y).to(dev), torch.from_numpy(~missing).to(dev), start=start)
@@ -474,10 +483,12 @@ def inpaint(image, mask, *, channel_axis=None, axes=None, iterations=None, spati
     is returned (all observed entries re-inserted), and after ``min_iterations`` (250) the loop
     stops once 30 checks in a row bring no gain of at least 1 % in held-out error
     (``patience_tol``; the best iterate is still kept), provided an iterate has beaten the start.
-    While none has, the loop runs until half the budget (``start_deadline``, 600 of the default
-    1200 iterations) and then returns the start (rebuilt from all observed entries): on stacks
-    the held-out error typically rises above the start's for a few hundred iterations, then
-    falls below it and keeps falling. ``result.best_iteration`` (from :func:`prepare_inpaint`)
+    While none has, the loop runs until half the budget on a stack (``start_deadline``, 600 of the
+    default 1200 iterations), a quarter on a single image (no Z or T axis, at most 4 channels:
+    300), and then returns the start (rebuilt from all observed entries): on stacks the held-out
+    error typically rises above the start's for a few hundred iterations, then falls below it and
+    keeps falling; on single images an iterate that beats the start did so by iteration 200 in
+    every case traced. ``result.best_iteration`` (from :func:`prepare_inpaint`)
     reports the iteration chosen, ``result.start`` the initial fill (``start="auto"`` chooses it on the same
     held-out entries, before the loop; biharmonic where too few entries can be held out).
     """

@@ -514,7 +514,7 @@ def nonlocal_fill(y: torch.Tensor, observed: torch.Tensor, start: torch.Tensor, 
 
     Notes
     -----
-    Measured (scripts outside the repository, README "How it works"): on six 256 x 256 photos
+    Measured (scripts outside the repository, docs/design.md): on six 256 x 256 photos
     with 10, 30 and 50 % of pixels observed, 0.3-1.3 dB above the earlier fixed-transform group
     fill (hard thresholds in a DCT of the patches, along the group and across the channels,
     groups of 8 re-matched every 10 iterations), except one photo (rocket: -0.15 to -0.20 dB at 30
@@ -982,7 +982,7 @@ class MixedNoise(Operator):
     Each sparse part is found once, before the loop, by a robust rule, instead of the reference
     code's single soft-thresholded sparse term re-estimated every iteration (with an untrained
     network that learns to reproduce its targets, that term lets impulses back in: 17.7 dB vs
-    26.6 dB on the README's case). Dead lines (:func:`find_dead_lines`) and impulses (entries
+    26.6 dB on the case in docs/design.md). Dead lines (:func:`find_dead_lines`) and impulses (entries
     farther than ``threshold * sigma_p`` from the 3 x 3 median of the destriped plane) carry no
     information about ``x`` and are treated as missing; stripes (:func:`estimate_stripes`) are
     subtracted. The remaining entries keep the Gaussian data term ``w_p/2 ||y - l - x||^2`` with

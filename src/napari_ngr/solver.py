@@ -109,7 +109,7 @@ def resolve_precision(precision: str, device, single_image: bool = True) -> str:
 
     ``"auto"`` is ``"bfloat16"`` for a single image (one plane of up to 4 channels: grey, RGB,
     RGBA) on a CPU with native bfloat16 (AVX512-BF16 or AMX), and ``"float32"`` everywhere else.
-    Measured on a 2-core AVX512-BF16 CPU (README, "Quality and speed"): single 256^2 photos run
+    Measured on a 2-core AVX512-BF16 CPU (docs/measurements.md): single 256^2 photos run
     1.6x faster per iteration at -0.08 to +0.25 dB; stacks and spectra (the planes enter the network
     as channels) gain only 14-16 % per iteration and lose 0.06-0.10 dB, and on a 31-band cube the
     held-out stop fired at 310 iterations in bfloat16 (36.07 dB) against 1 100 in float32 (42.54).
@@ -456,9 +456,9 @@ class Restoration:
                         st.stop_reason = "validation error stopped improving"
                     elif (opt.start_deadline > 0 and st.best_iteration <= opt.warmup
                           and k >= max(opt.min_iterations, opt.start_deadline * total)):
-                        # Measured (README): on stacks an iterate beats the start by iteration 260-480
-                        # and keeps improving to 1200; on the photos none beats the nonlocal start
-                        # in 600. This keeps a losing run at the former 600-iteration cost.
+                        # Measured (docs/design.md): on stacks an iterate beats the start by iteration 260-480
+                        # and keeps improving to 1200; on single photos an iterate that beats the
+                        # start does so by 200, else none does in 600 (the API's planar deadline: 300).
                         stop = True
                         st.stop_reason = f"start_deadline: no iterate beat the start by iteration {k}"
             elif self._select:
