@@ -683,3 +683,11 @@ def test_default_start_deadline_is_a_quarter_for_single_images_and_half_for_stac
     assert job._r.opt.start_deadline == 0.5
     job = napari_ngr.prepare_inpaint(np.where(miss, 0.0, smooth), miss, start_deadline=0.5, **kw)
     assert job._r.opt.start_deadline == 0.5  # an explicit option wins
+    # Larger planes: the first iterate to beat the start comes later, so the deadline grows
+    # with the pixel count, up to half the budget.
+    for n, expected in ((300, 0.25 * 300 ** 2 / 256 ** 2), (400, 0.5)):
+        big = np.random.default_rng(n).random((n, n)).astype(np.float32)
+        bmiss = np.zeros((n, n), bool)
+        bmiss[10:20, 10:20] = True
+        job = napari_ngr.prepare_inpaint(big, bmiss, **kw)
+        assert job._r.opt.start_deadline == pytest.approx(expected)

@@ -42,7 +42,9 @@ DEFAULTS = {
     # lines, coins with blobs, astronaut per entry, Hubble field; /tmp driver, start_deadline off,
     # 600 iterations): where an iterate beat the start (5 of 12) it did so by iteration 60-200;
     # where none had by 300, none did by 600. The astronaut's rows return the start either way,
-    # 18-22 s sooner on 2 cores.
+    # 18-22 s sooner on 2 cores. On 512^2 planes the first beat came later (camera 50 %: 430, brick
+    # 30 %: 400; coffee with blobs: none), so the quarter holds up to 256^2 pixels
+    # (``PLANAR_DEADLINE_PIXELS``) and grows with the pixel count above, up to half the budget.
     "inpaint": dict(iterations=1200, spatial_weight=1.0, channel_weight=0.5, stack_weight=1.0, band_weight=2.0,
                     options=dict(mu=5.0, holdout=0.03, check_every=10, patience=30, patience_tol=0.01,
                                  min_iterations=250, start_deadline=0.5, guide=0.6, guide_refresh=0, warmup=50),
@@ -339,6 +341,10 @@ def _options(task: str, iterations, seed, extra: dict, planar: bool = False, ban
 
 #: Above this many channels, the channel axis is a spectrum and gets ``band_weight`` by default.
 BAND_CHANNELS = 4
+#: Pixels of a single image up to which inpainting gives up on an unbeaten start at the
+#: ``planar_options`` deadline (a quarter of the budget); above, that fraction grows with the
+#: pixel count, up to the stacks' half (see ``DEFAULTS``).
+PLANAR_DEADLINE_PIXELS = 256 * 256
 
 
 def default_weights(task: str, n_channels: int = 1) -> dict:
@@ -400,8 +406,15 @@ def _prepare_missing(task, a, layout, m, *, iterations, spatial_weight, channel_
                          "mark them in the mask (nonzero = missing) or replace them")
     scaler = _Scaler(internal, ~missing)
     y = np.where(missing, 0.0, scaler.forward(internal)).astype(np.float32)
-    S, C = layout.internal_shape[:2]
-    opt = _options(task, iterations, seed, options, planar=S == 1 and C <= BAND_CHANNELS)
+    S, C, H, W = layout.internal_shape
+    planar = S == 1 and C <= BAND_CHANNELS
+    opt = _options(task, iterations, seed, options, planar=planar)
+    if planar and "start_deadline" not in options and opt.start_deadline > 0:
+        # The iteration at which an iterate first beats the start grows with the plane's pixels
+        # (256^2: by 200; 512^2: 400-430): scale the single-image deadline with them, up to the
+        # stacks' half of the budget (reached from about 362^2).
+        half = DEFAULTS[task]["options"]["start_deadline"]
+        opt.start_deadline = min(half, opt.start_deadline * max(1.0, H * W / PLANAR_DEADLINE_PIXELS))
     weights = _axes_weights(layout, *_weights_or_default(task, spatial_weight, channel_weight, stack_weight,
                                                          layout.internal_shape[1]))
     op = Inpainting(torch.from_numpy(y).to(dev), torch.from_numpy(~missing).to(dev), start=start)
@@ -484,11 +497,12 @@ def inpaint(image, mask, *, channel_axis=None, axes=None, iterations=None, spati
     stops once 30 checks in a row bring no gain of at least 1 % in held-out error
     (``patience_tol``; the best iterate is still kept), provided an iterate has beaten the start.
     While none has, the loop runs until half the budget on a stack (``start_deadline``, 600 of the
-    default 1200 iterations), a quarter on a single image (no Z or T axis, at most 4 channels:
-    300), and then returns the start (rebuilt from all observed entries): on stacks the held-out
-    error typically rises above the start's for a few hundred iterations, then falls below it and
-    keeps falling; on single images an iterate that beats the start did so by iteration 200 in
-    every case traced. ``result.best_iteration`` (from :func:`prepare_inpaint`)
+    default 1200 iterations), a quarter on a single image (no Z or T axis, at most 4 channels) of
+    up to 256 x 256 pixels (300), a fraction growing with the pixel count on larger ones (half
+    from about 362 x 362), and then returns the start (rebuilt from all observed entries): on
+    stacks the held-out error typically rises above the start's for a few hundred iterations,
+    then falls below it and keeps falling; on 256 x 256 photos an iterate that beats the start did
+    so by iteration 200 in every case traced, on 512 x 512 ones by 400-430. ``result.best_iteration`` (from :func:`prepare_inpaint`)
     reports the iteration chosen, ``result.start`` the initial fill (``start="auto"`` chooses it on the same
     held-out entries, before the loop; biharmonic where too few entries can be held out).
     """
