@@ -407,16 +407,15 @@ def _prepare_missing(task, a, layout, m, *, iterations, spatial_weight, channel_
     scaler = _Scaler(internal, ~missing)
     y = np.where(missing, 0.0, scaler.forward(internal)).astype(np.float32)
     S, C, H, W = layout.internal_shape
-    planar = S == 1 and C <= BAND_CHANNELS
+    planar = task == "inpaint" and S == 1 and C <= BAND_CHANNELS  # decloud always has dates
     opt = _options(task, iterations, seed, options, planar=planar)
-    if planar and "start_deadline" not in options and opt.start_deadline > 0:
+    if planar and "start_deadline" not in options:
         # The iteration at which an iterate first beats the start grows with the plane's pixels
         # (256^2: by 200; 512^2: 400-430): scale the single-image deadline with them, up to the
         # stacks' half of the budget (reached from about 362^2).
         half = DEFAULTS[task]["options"]["start_deadline"]
         opt.start_deadline = min(half, opt.start_deadline * max(1.0, H * W / PLANAR_DEADLINE_PIXELS))
-    weights = _axes_weights(layout, *_weights_or_default(task, spatial_weight, channel_weight, stack_weight,
-                                                         layout.internal_shape[1]))
+    weights = _axes_weights(layout, *_weights_or_default(task, spatial_weight, channel_weight, stack_weight, C))
     op = Inpainting(torch.from_numpy(y).to(dev), torch.from_numpy(~missing).to(dev), start=start)
     r = Restoration(op, weights, opt, device=dev, preview_every=preview_every)
     return RestorationJob(r, layout, scaler, keep=(layout.to_user(~missing), a))
