@@ -432,13 +432,42 @@ def test_patience_tol_counts_only_real_progress(gray48):
     assert psnr(gray48, runs[0.3].image) > psnr(gray48, img) + 10
 
 
+def test_single_images_may_fall_back_to_nlmeans_that_keeps_part_of_each_entrys_own_value(moving_board):
+    """On a single image the fallback also offers NL-means with the weight 1 on an entry's own value
+    (as skimage's; it keeps fine and unique structure that leave-one-out NL-means blurs). Its
+    error is estimated from the leave-one-out prediction and that value's share; it is offered
+    only where the noise does not grow with the signal (shot noise: that estimate would be too
+    low), judged from the finest Haar diagonal detail in the darkest and brightest thirds."""
+    from napari_ngr.operators import nl_means_stack
+    from napari_ngr.solver import OWN, OWN_MAX_NOISE_RATIO, _noise_variance_ratio
+
+    board, noisy = moving_board[0][0], moving_board[1][0]
+    job = napari_ngr.prepare_denoise(noisy, iterations=5, sigma=0.1)  # the network has learnt little
+    res = job.run()
+    r, st = job._r, job._r.state
+    assert set(st.fallback_scores) == {None, OWN} and st.fallback_scores[OWN] < st.fallback_scores[None]
+    assert res.method == "NL-means" and st.fallback_h == OWN and st.nlmeans_scores[-1] == min(st.nlmeans_scores)
+    own = nl_means_stack(r.full_operator.y, r.operator.sigma, h=0.8, self_weight=1.0)
+    np.testing.assert_allclose(res.image, job._to_user(own), atol=1e-5)
+    loo = job._to_user(nl_means_stack(r.full_operator.y, r.operator.sigma, h=0.8))
+    assert psnr(board, res.image) > psnr(board, loo) + 0.4 > psnr(board, noisy) + 4
+    # Shot noise: the bright squares' noise is twice the dark ones', the candidate is not offered.
+    shot = (np.random.default_rng(0).poisson(board * 30) / 30).astype(np.float32)
+    assert _noise_variance_ratio(torch.from_numpy(shot)[None, None]) > 2 * OWN_MAX_NOISE_RATIO
+    assert _noise_variance_ratio(torch.from_numpy(noisy)[None, None]) < OWN_MAX_NOISE_RATIO
+    job = napari_ngr.prepare_denoise(shot, iterations=5)
+    job.run()
+    assert set(job._r.state.fallback_scores) == {None}
+
+
 def test_network_modes_are_checked(gray48):
     with pytest.raises(ValueError, match="pad_mode"):
         napari_ngr.denoise(gray48, iterations=2, pad_mode="mirror")
     with pytest.raises(ValueError, match="upsample"):
         napari_ngr.denoise(gray48, iterations=2, upsample="cubic")
-    a = napari_ngr.denoise(gray48, iterations=3, pad_mode="reflect", upsample="bilinear")
-    b = napari_ngr.denoise(gray48, iterations=3)
+    # fallback="none": after three iterations NL-means of the image would be returned by both
+    a = napari_ngr.denoise(gray48, iterations=3, pad_mode="reflect", upsample="bilinear", fallback="none")
+    b = napari_ngr.denoise(gray48, iterations=3, fallback="none")
     assert a.shape == b.shape == gray48.shape and not np.array_equal(a, b)
 
 
@@ -523,8 +552,10 @@ def test_nlmeans_fallback_is_returned_only_when_its_held_out_error_is_lower(stac
     job = napari_ngr.prepare_denoise(gray, iterations=150, sigma=0.1)
     res = job.run()
     assert res.method == "NGR" and res.best_iteration > 0
-    assert job._r.state.best_score <= job._r.state.fallback_score
     assert job._r.state.nlmeans_scores[0] == pytest.approx(job._r.state.best_score, rel=1e-4, abs=1e-7)
+    for h in job._r.state.fallback_scores:  # NL-means alone, leave-one-out and with its own value
+        nlm = job._to_user(job._r._nl_means(job._r.full_operator.y, h))
+        assert psnr(stack[0], res.image) > psnr(stack[0], nlm) + 1, h
     # Spectra (> 4 channels) and mixed noise never fall back; a bad value is a ValueError.
     assert napari_ngr.prepare_denoise(np.zeros((8, 16, 16)), channel_axis=0, iterations=1)._r.opt.fallback == "none"
     mixed = napari_ngr.prepare_denoise(noisy, noise="mixed", iterations=3)

@@ -176,12 +176,15 @@ def test_noise_rms_matches_estimate_sigma_and_reads_shot_noise_at_its_rms():
     assert noise_rms(np.zeros((16, 16))) == 0.0 and noise_rms(rng.normal(0, 1, (5, 7))) > 0
 
 
-def _nl_means_stack_direct(x, sigma, patch, search, planes, h):
-    """Leave-one-out stack NL-means written out entry by entry (the definition)."""
+def _nl_means_stack_direct(x, sigma, patch, search, planes, h, self_weight=0.0):
+    """Leave-one-out stack NL-means written out entry by entry (the definition); with
+    ``self_weight`` the entry's own value gets that weight. Returns ``(result, weight sums of the
+    other entries)``."""
     S, C, H, W = x.shape
     p = patch // 2
     xp = np.pad(x, ((0, 0), (0, 0), (search + p,) * 2, (search + p,) * 2), mode="reflect")
     out = np.empty_like(x)
+    sums = np.empty((S, 1, H, W))
     for s in range(S):
         for i in range(H):
             for j in range(W):
@@ -198,8 +201,9 @@ def _nl_means_stack_direct(x, sigma, patch, search, planes, h):
                             wgt = np.exp(min(2 * sigma**2 - d, 0) / (h * sigma) ** 2)
                             num += wgt * xp[t, :, ci + dy, cj + dx]
                             den += wgt
-                out[s, :, i, j] = num / den
-    return out
+                out[s, :, i, j] = (num + self_weight * xp[s, :, ci, cj]) / (den + self_weight)
+                sums[s, 0, i, j] = den
+    return out, sums
 
 
 def test_nl_means_stack_matches_its_definition():
@@ -207,8 +211,16 @@ def test_nl_means_stack_matches_its_definition():
 
     x = np.random.default_rng(3).random((3, 2, 7, 9)).astype(np.float32)
     got = nl_means_stack(torch.from_numpy(x), 0.2, patch_size=3, patch_distance=2, plane_distance=1, h=0.6)
-    ref = _nl_means_stack_direct(x.astype(np.float64), 0.2, 3, 2, 1, 0.6)
+    ref, sums = _nl_means_stack_direct(x.astype(np.float64), 0.2, 3, 2, 1, 0.6)
     np.testing.assert_allclose(got.numpy(), ref, atol=1e-5)
+    # With a weight on the entry's own value (as skimage's NL-means), and the other weights' sums.
+    own, wsum = nl_means_stack(torch.from_numpy(x), 0.2, patch_size=3, patch_distance=2, plane_distance=1,
+                               h=0.6, self_weight=1.0, return_weight_sum=True)
+    ref_own, ref_sums = _nl_means_stack_direct(x.astype(np.float64), 0.2, 3, 2, 1, 0.6, self_weight=1.0)
+    np.testing.assert_allclose(own.numpy(), ref_own, atol=1e-5)
+    np.testing.assert_allclose(wsum.numpy(), ref_sums, rtol=1e-5)
+    np.testing.assert_allclose(ref_sums, sums)
+    assert np.abs(own.numpy() - got.numpy()).max() > 1e-3
     # Blocks of output planes (bounded work space on large stacks) give the same result.
     for block in (1, 2 * 7 * 9 * 2):
         blocked = nl_means_stack(torch.from_numpy(x), 0.2, patch_size=3, patch_distance=2, plane_distance=1,

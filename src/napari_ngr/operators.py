@@ -773,7 +773,7 @@ def low_rank_denoise(x: torch.Tensor, sigma: float, *, guide: torch.Tensor | Non
 @_cpu_if_mps
 def nl_means_stack(x: torch.Tensor, sigma: float, *, patch_size: int = 5, patch_distance: int = 6,
                    plane_distance: int = 2, h: float = 0.6, guide: torch.Tensor | None = None,
-                   block: int = 1 << 22) -> torch.Tensor:
+                   block: int = 1 << 22, self_weight: float = 0.0, return_weight_sum: bool = False):
     """Leave-one-out non-local means of an ``(S, C, H, W)`` stack, 2-D patches matched across planes.
 
     Every entry becomes the weighted mean of the *other* entries whose ``patch_size`` x
@@ -794,10 +794,20 @@ def nl_means_stack(x: torch.Tensor, sigma: float, *, patch_size: int = 5, patch_
     is nearly noise-free), the values averaged are still ``x``'s and the entry's own value still
     gets no weight: the two-stage scheme of BM3D, with NL-means weights as its second stage.
     ``h`` a tuple or list: one result for each, in a list (the patch distances computed once).
+
+    ``self_weight`` > 0 gives the entry's own value that weight (1, the largest a patch can get,
+    is :func:`skimage.restoration.denoise_nl_means`' choice): where few patches resemble an
+    entry's (fine or unique structure, low noise) it keeps more of its own value. The result is
+    then no longer leave-one-out: its error on held-out entries is estimated from the
+    leave-one-out result ``v`` and the own value's share ``a = self_weight / (weight sum +
+    self_weight)`` as ``(1 - a)^2 (mean((v - y)^2) - sigma^2) + a^2 sigma^2``. With
+    ``return_weight_sum=True`` each result comes as ``(result, weight_sum)``, ``weight_sum`` the
+    ``(S, 1, H, W)`` sum of the weights of the other entries.
     """
     S, C, H, W = x.shape
     hs = tuple(float(v) for v in h) if isinstance(h, (tuple, list)) else (float(h),)
     outs = [torch.empty(x.shape, dtype=torch.float32, device=x.device) for _ in hs]
+    sums = [torch.empty((S, 1, H, W), dtype=torch.float32, device=x.device) for _ in hs] if return_weight_sum else None
     # Output planes in blocks of about 4 M entries (with their partner planes), so the work space
     # stays a few block-sized buffers however large the stack; the result does not depend on it.
     n = max(1, block // (C * H * W))
@@ -805,16 +815,21 @@ def nl_means_stack(x: torch.Tensor, sigma: float, *, patch_size: int = 5, patch_
         s1 = min(S, s0 + n)
         a0, a1 = max(0, s0 - plane_distance), min(S, s1 + plane_distance)
         g = None if guide is None else guide[a0:a1].float()
-        for out, o in zip(outs, _nl_means_block(x[a0:a1].float(), s0 - a0, s1 - a0, sigma, patch_size,
-                                                patch_distance, plane_distance, hs, g)):
-            out[s0:s1] = o
+        for j, (o, ws) in enumerate(_nl_means_block(x[a0:a1].float(), s0 - a0, s1 - a0, sigma, patch_size,
+                                                    patch_distance, plane_distance, hs, g, self_weight)):
+            outs[j][s0:s1] = o
+            if sums is not None:
+                sums[j][s0:s1] = ws
     outs = [out.to(x.dtype) for out in outs]
+    if sums is not None:
+        outs = list(zip(outs, sums))
     return outs if isinstance(h, (tuple, list)) else outs[0]
 
 
-def _nl_means_block(x, o0, o1, sigma, patch_size, patch_distance, plane_distance, hs, guide=None):
+def _nl_means_block(x, o0, o1, sigma, patch_size, patch_distance, plane_distance, hs, guide=None, self_weight=0.0):
     """:func:`nl_means_stack` of planes ``o0:o1`` of ``x``, whose partners are the planes of ``x``,
-    for each ``h`` in ``hs`` (the patch distances are computed once for all of them)."""
+    for each ``h`` in ``hs`` (the patch distances are computed once for all of them), as pairs
+    ``(result, weight sum of the other entries)``."""
     S, C, H, W = x.shape
     p = patch_size // 2
     pad = patch_distance + p
@@ -849,7 +864,10 @@ def _nl_means_block(x, o0, o1, sigma, patch_size, patch_distance, plane_distance
                     k0 = k
                     acc[j][lo - o0:hi - o0].addcmul_(w, val)
                     wsum[j][lo - o0:hi - o0] += w
-    return [torch.where(ws > 0, a / ws.clamp(min=1e-30), x[o0:o1]) for a, ws in zip(acc, wsum)]
+    if self_weight > 0:
+        own = x[o0:o1]
+        return [((a + self_weight * own) / (ws + self_weight), ws) for a, ws in zip(acc, wsum)]
+    return [(torch.where(ws > 0, a / ws.clamp(min=1e-30), x[o0:o1]), ws) for a, ws in zip(acc, wsum)]
 
 
 def _box_mean(d: torch.Tensor, k: int) -> torch.Tensor:

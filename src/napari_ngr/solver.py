@@ -78,6 +78,14 @@ NLMEANS_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: 0.325, 0.46, 0.65, 0.92 and 1.3, a factor sqrt(2) apart, so that each weight is the square of the
 #: next one's (one exponential for the five).
 GUIDED_H = tuple(1.3 / 2 ** (k / 2) for k in range(4, -1, -1))
+#: ``fallback="nlmeans"`` on single images: the key (``state.fallback_h``) of the NL-means candidate that
+#: gives an entry's own value the weight 1 (:func:`~napari_ngr.operators.nl_means_stack`'s ``self_weight``).
+OWN = "own"
+#: ... offered only where the noise does not grow with the signal: where the variance of the finest
+#: Haar diagonal detail (its median absolute value, squared) in the brightest third of the image is
+#: at most this many times that in the darkest third (:func:`_noise_variance_ratio`; Gaussian noise on
+#: 12 photos at sigma >= 0.05: 0.57-1.37; shot noise: 1.4-17, the synthetic Z-stack's planes 2.3-3.1).
+OWN_MAX_NOISE_RATIO = 1.5
 #: Inpainting with ``start="auto"``: how much lower (relative) another fill's held-out error must
 #: be to replace the biharmonic one (differences of a few % are within the held-out sampling noise:
 #: measured on a time-lapse and a Z-stack, where the DCT fill was 0.3 / 0.8 dB worse at 1 % / 6 %
@@ -210,8 +218,39 @@ class _State:
     nlmeans_weight: float = 0.0  # fallback="nlmeans": NL-means' share of the returned image
     nlmeans_scores: list | None = None  # estimated held-out errors of the shares NLMEANS_WEIGHTS
     fallback_at: int = -1  # the iteration nlmeans_weight was decided at
-    fallback_h: float | None = None  # stacks: h of the pilot-weighted NL-means chosen (None: plain NL-means)
+    fallback_h: float | str | None = None  # the NL-means chosen: None plain, OWN own value weighted 1, h pilot-weighted
     fallback_scores: dict | None = None  # estimated held-out error of each fallback candidate, by h
+
+
+def _own_score(v: torch.Tensor, own: torch.Tensor | None, y: torch.Tensor, s2: float) -> float:
+    """Estimated mean squared error (against the noise-free image) of a filter whose leave-one-out
+    prediction of the held-out entries ``y`` is ``v`` and that gives an entry's own value the share
+    ``own`` (None: 0): ``(1 - own)^2 ((v - y)^2 - sigma^2) + own^2 sigma^2``, averaged (``y``'s
+    noise is independent of ``v``; where it is not the same everywhere, as shot noise, ``sigma^2``
+    understates the bright entries' and this estimate is too low: see :data:`OWN_MAX_NOISE_RATIO`)."""
+    if own is None:
+        return float(torch.mean((v - y) ** 2)) - s2
+    return float(torch.mean((1 - own) ** 2 * ((v - y) ** 2 - s2) + own * own * s2))
+
+
+def _noise_variance_ratio(x: torch.Tensor) -> float:
+    """How much stronger the noise of an ``(S, C, H, W)`` image is in its brightest third than in its
+    darkest: the ratio of the squared median absolute finest Haar diagonal detail
+    ``(a - b - c + d) / 2`` of the 2 x 2 blocks whose mean is in the top third to that of those in
+    the bottom third. About 1 for Gaussian noise (edges and texture are mostly not diagonal
+    detail, and the median ignores the rest), above 1.4 for shot noise (its variance grows with
+    the signal)."""
+    H, W = (x.shape[-2] // 2) * 2, (x.shape[-1] // 2) * 2
+    a, b = x[..., 0:H:2, 0:W:2], x[..., 0:H:2, 1:W:2]
+    c, d = x[..., 1:H:2, 0:W:2], x[..., 1:H:2, 1:W:2]
+    detail = ((a - b - c + d) / 2).abs().flatten().float()
+    mean = ((a + b + c + d) / 4).flatten().float()
+    if mean.numel() < 3:
+        return math.inf
+    lo, hi = torch.quantile(mean, torch.tensor([1 / 3, 2 / 3], device=mean.device))
+    dark = detail[mean <= lo].median()
+    bright = detail[mean >= hi].median()
+    return float((bright / dark.clamp(min=1e-12)) ** 2)
 
 
 class Restoration:
@@ -313,7 +352,8 @@ class Restoration:
         if options.fallback not in ("none", "nlmeans"):
             raise ValueError(f"fallback must be 'none' or 'nlmeans', got {options.fallback!r}")
         self._full_fallback = None
-        self._fallback_nlm = None  # fallback="nlmeans": NL-means (held-out entries imputed) at those entries
+        # fallback="nlmeans": {h: (NL-means at the held-out entries, imputed; share of an entry's own value or None)}
+        self._fallback_nlm = None
         self._pilot = None  # stacks: the low-rank pilot of the fallback's NL-means weights
         self._prefiltered = None
         if options.prefilter != "none" and getattr(operator, "sigma", None):
@@ -508,28 +548,35 @@ class Restoration:
         the moving average re-solved with ``final_weight`` times the data weight (denoising)."""
         alpha = self.nlmeans_weight()
         if alpha > 0:
-            if self._full_fallback is None:  # NL-means of every entry, held-out ones too
-                self._full_fallback = self._nl_means(self.full_operator.initial_estimate().to(self.device),
-                                                     self.state.fallback_h)
-            nlm = self.full_operator.compose(self._full_fallback)
+            h = self.state.fallback_h
+            if self._full_fallback is None or self._full_fallback[0] != h:  # NL-means of every entry, held-out ones too
+                self._full_fallback = (h, self._nl_means(self.full_operator.initial_estimate().to(self.device), h))
+            nlm = self.full_operator.compose(self._full_fallback[1])
             return nlm if alpha >= 1 else (1 - alpha) * self._network_estimate() + alpha * nlm
         return self._network_estimate()
 
-    def _nl_means(self, x: torch.Tensor, h: float | None = None) -> torch.Tensor:
+    def _nl_means(self, x: torch.Tensor, h: float | str | None = None, weight_sum: bool = False):
         """One fallback candidate: ``h=None``, NL-means
         (:func:`~napari_ngr.operators.nl_means_stack`, leave-one-out, so that its held-out error is
         honest) with patches matched across the two planes on either side of a stack with ``h =
         0.6 sigma``, within the plane of a single image with ``0.8 sigma`` (five planes offer five
-        times the candidates, each must be closer); a number: NL-means of a stack weighted on the
-        pilot of :meth:`_fallback_candidates` with that ``h``."""
+        times the candidates, each must be closer); :data:`OWN`: that NL-means of a single image
+        with the weight 1 on an entry's own value; a number: NL-means of a stack weighted on the
+        pilot of :meth:`_fallback_candidates` with that ``h``. ``weight_sum``: ``(result, sum of
+        the other entries' weights)``."""
         sigma = self.operator.sigma
-        if h is None:
-            return nl_means_stack(x, sigma, h=0.6 if x.shape[0] > 1 else 0.8)
+        if h is None or h == OWN:
+            return nl_means_stack(x, sigma, h=0.6 if x.shape[0] > 1 else 0.8, self_weight=1.0 if h == OWN else 0.0,
+                                  return_weight_sum=weight_sum)
         return nl_means_stack(x, sigma, h=h, guide=self._pilot)
 
     def _fallback_candidates(self, x: torch.Tensor, at: torch.Tensor) -> dict:
-        """The fallback's candidates at the entries ``at`` (the held-out ones), keyed by ``h``:
-        ``None``, :meth:`_nl_means`; on a stack also, for each ``h`` in :data:`GUIDED_H`, NL-means
+        """The fallback's candidates at the entries ``at`` (the held-out ones), keyed by ``h``, as
+        ``(leave-one-out value, share of the entry's own value or None)``: ``None``,
+        :meth:`_nl_means`; on a single image also :data:`OWN`, the same NL-means with the weight 1
+        on the entry's own value (its share ``1 / (weight sum + 1)``; the held-out entries, imputed,
+        do not see it, so its error is estimated from the leave-one-out value and that share, see
+        :meth:`nlmeans_weight`); on a stack also, for each ``h`` in :data:`GUIDED_H`, NL-means
         whose weights compare patches of a pilot: the low-rank patch-group denoising of ``x``
         (:func:`~napari_ngr.operators.low_rank_denoise`, patches matched across the two planes on
         either side, on the NL-means), kept for the candidate's recomputation from all entries.
@@ -537,14 +584,19 @@ class Restoration:
         error stays honest (unlike the pilot's own: hard thresholding keeps some of an entry's own
         noise). Only the values at ``at`` are kept (a large stack's six candidates are not held
         whole)."""
-        plain = self._nl_means(x)
         if x.shape[0] == 1:
-            return {None: plain[at]}
+            plain, wsum = self._nl_means(x, weight_sum=True)
+            cands = {None: (plain[at], None)}
+            if _noise_variance_ratio(self.full_operator.y) <= OWN_MAX_NOISE_RATIO:  # the observation as it is
+                own = (1.0 / (wsum + 1.0)).expand_as(plain)[at]
+                cands[OWN] = (plain[at], own)
+            return cands
+        plain = self._nl_means(x)
         # reference patches every 4 px (3 for single images): the weighted NL-means is the same
         # to 0.01 dB on the video, time-lapse and Z-stack samples, the pilot 25-30 % faster
         self._pilot = low_rank_denoise(x, self.operator.sigma, guide=plain, plane_distance=2, step=4)
         guided = nl_means_stack(x, self.operator.sigma, h=GUIDED_H, guide=self._pilot)
-        return {None: plain[at], **{h: v[at] for h, v in zip(GUIDED_H, guided)}}
+        return {None: (plain[at], None), **{h: (v[at], None) for h, v in zip(GUIDED_H, guided)}}
 
     def _network_estimate(self) -> torch.Tensor:
         """:meth:`estimate` without the NL-means fallback."""
@@ -603,16 +655,18 @@ class Restoration:
 
         With ``fallback="nlmeans"`` (Gaussian denoising of images and stacks, by default), NL-means
         of the observation with the held-out entries imputed is computed (:meth:`_fallback_candidates`:
-        leave-one-out, with 2-D patches matched across neighbouring planes on a stack; there, of
-        its candidates, the one with the lowest held-out error, ``state.fallback_h``). Each
+        leave-one-out, with 2-D patches matched across neighbouring planes on a stack; on a single
+        image also with the weight 1 on an entry's own value; of the candidates, the one with the
+        lowest held-out error, ``state.fallback_h``). Each
         ``alpha`` in :data:`NLMEANS_WEIGHTS` is scored on those entries like the NGR estimate
         alone: with ``g`` the NGR image's prediction of a held-out entry ``y`` from the other
         entries, ``a`` the weight the returned image gives an entry's own value (its hat weight),
-        ``v`` NL-means' prediction and
-        ``w1 = (1 - alpha)(1 - a)``, the mean squared error against the noise-free image is
-        estimated as ``mean((w1 (g - y) + alpha (v - y))^2) - (w1 + alpha)^2 sigma^2
-        + ((1 - alpha) a sigma)^2`` (``alpha = 0`` is :meth:`final_weight`'s estimate, ``alpha = 1``
-        NL-means' mean squared difference less ``sigma^2``). The lowest is used if it is below the
+        ``v`` NL-means' leave-one-out prediction, ``o`` the share NL-means gives the entry's own
+        value (0, or ``1 / (weight sum + 1)`` for :data:`OWN`), ``w1 = (1 - alpha)(1 - a)``, ``w2 =
+        alpha (1 - o)`` and ``b = (1 - alpha) a + alpha o``, the mean squared error against the
+        noise-free image is estimated as ``mean((w1 (g - y) + w2 (v - y))^2 - (w1 + w2)^2 sigma^2
+        + b^2 sigma^2)`` (``alpha = 0`` is :meth:`final_weight`'s estimate, ``alpha = 1``
+        NL-means' own, :func:`_own_score`). The lowest is used if it is below the
         NGR image's by more than twice the standard error of that difference,
         ``2 sigma alpha rms(nlm - ngr) / sqrt(n)`` over the ``n`` held-out entries (the noise's own
         variance cancels); else ``alpha = 0``. Within its iteration budget the network may not beat
@@ -628,33 +682,49 @@ class Restoration:
             y, s2 = op.y[held], op.sigma ** 2
             if self._fallback_nlm is None:  # held-out entries imputed: their values stay unseen
                 cands = self._fallback_candidates(op.initial_estimate().to(self.device), held)
-                scores = {h: float(torch.mean((v - y) ** 2)) - s2 for h, v in cands.items()}
+                scores = {h: _own_score(v, own, y, s2) for h, (v, own) in cands.items()}
                 st.fallback_scores = scores
-                st.fallback_h = min(scores, key=lambda h: (scores[h], h is not None))
-                self._fallback_nlm = cands[st.fallback_h]
-                st.fallback_score = scores[st.fallback_h]
+                best = min(scores, key=lambda h: (scores[h], h is not None))
+                # A stack mixes the candidate that is best alone; a single image scores the mixes
+                # of both of its own (leave-one-out NL-means errs where the other does not).
+                self._fallback_nlm = {h: cands[h] for h in (cands if OWN in cands else (best,))}
+                st.fallback_h, st.fallback_score = best, scores[best]
             if st.best_fields is not None:  # select="holdout": the best check's
                 g, a = st.best_held
             else:
                 self.final_weight()
                 g, a = st.final_held
-            v = self._fallback_nlm
-            scores = []
-            for alpha in NLMEANS_WEIGHTS:
-                w1 = (1 - alpha) * (1 - a)
-                e = w1 * (g - y) + alpha * (v - y)
-                scores.append(float(torch.mean(e * e)) - (w1 + alpha) ** 2 * s2 + ((1 - alpha) * a) ** 2 * s2)
+            mixes = {h: self._mix_scores(g, a, v, own, y, s2) for h, (v, own) in self._fallback_nlm.items()}
+            h = min(mixes, key=lambda h: (min(mixes[h]), h is not None))
+            scores = mixes[h]
             k = int(np.argmin(scores))
             alpha = NLMEANS_WEIGHTS[k]
+            v, own = self._fallback_nlm[h]
             # Both errors are measured against the same noisy entries: their difference has the
             # standard error 2 sigma rms(diff) / sqrt(n) (the noise's own variance cancels), and the
             # mix must be better by twice that (tiny images: a few hundred entries decide).
-            d = alpha * (v - self._network_estimate()[held])
+            d = alpha * (1 - (0.0 if own is None else own)) * (v - self._network_estimate()[held])
             se = 2 * op.sigma * float(torch.sqrt(torch.mean(d * d) / d.numel()))
             st.nlmeans_weight = alpha if scores[k] + 2 * se < scores[0] else 0.0
+            st.fallback_h, st.fallback_score = h, st.fallback_scores[h]
             st.nlmeans_scores = scores
             st.fallback_at = st.iteration
         return st.nlmeans_weight
+
+    @staticmethod
+    def _mix_scores(g, a, v, own, y, s2) -> list:
+        """Estimated mean squared errors of the mixes :data:`NLMEANS_WEIGHTS` of the NGR image
+        (held-out prediction ``g``, own-value share ``a``) and an NL-means (``v``, ``own``), see
+        :meth:`nlmeans_weight`."""
+        own = 0.0 if own is None else own
+        scores = []
+        for alpha in NLMEANS_WEIGHTS:
+            w1 = (1 - alpha) * (1 - a)
+            w2 = alpha * (1 - own)
+            e = w1 * (g - y) + w2 * (v - y)
+            b = (1 - alpha) * a + alpha * own  # the own value's share of the mix
+            scores.append(float(torch.mean(e * e - (w1 + w2) ** 2 * s2 + b * b * s2)))
+        return scores
 
     def _choose_final_weight(self) -> tuple[float, float, tuple]:
         """``(estimated mean squared error, multiplier, (held-out prediction, hat weight))`` of the
