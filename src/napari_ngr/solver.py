@@ -43,7 +43,8 @@ No ground truth is used anywhere. Which iterate is returned (see :class:`Restora
   ``fallback="nlmeans"`` returns NL-means of the observation, or a mix of it and the NGR image,
   where that predicts the held-out entries clearly better (:meth:`Restoration.nlmeans_weight`);
   on a stack the NL-means with the lowest held-out error among plain NL-means and NL-means
-  weighted on a low-rank pilot (:meth:`Restoration._fallback_candidates`).
+  weighted on a low-rank pilot, on a single image the best mix of leave-one-out NL-means or of
+  NL-means with the weight 1 on an entry's own value (:meth:`Restoration._fallback_candidates`).
 """
 
 from __future__ import annotations
@@ -247,6 +248,8 @@ def _noise_variance_ratio(x: torch.Tensor) -> float:
     mean = ((a + b + c + d) / 4).flatten().float()
     if mean.numel() < 3:
         return math.inf
+    step = max(1, mean.numel() >> 22)  # torch.quantile takes at most 2^24 entries: a sample of large images
+    detail, mean = detail[::step], mean[::step]
     lo, hi = torch.quantile(mean, torch.tensor([1 / 3, 2 / 3], device=mean.device))
     dark = detail[mean <= lo].median()
     bright = detail[mean >= hi].median()
@@ -656,8 +659,9 @@ class Restoration:
         With ``fallback="nlmeans"`` (Gaussian denoising of images and stacks, by default), NL-means
         of the observation with the held-out entries imputed is computed (:meth:`_fallback_candidates`:
         leave-one-out, with 2-D patches matched across neighbouring planes on a stack; on a single
-        image also with the weight 1 on an entry's own value; of the candidates, the one with the
-        lowest held-out error, ``state.fallback_h``). Each
+        image also with the weight 1 on an entry's own value; ``state.fallback_h`` is, on a stack,
+        the candidate with the lowest held-out error, on a single image the one whose best mix
+        below scores lowest). Each
         ``alpha`` in :data:`NLMEANS_WEIGHTS` is scored on those entries like the NGR estimate
         alone: with ``g`` the NGR image's prediction of a held-out entry ``y`` from the other
         entries, ``a`` the weight the returned image gives an entry's own value (its hat weight),
