@@ -800,7 +800,8 @@ def nl_means_stack(x: torch.Tensor, sigma: float, *, patch_size: int = 5, patch_
     entry's (fine or unique structure, low noise) it keeps more of its own value. The result is
     then no longer leave-one-out: its error on held-out entries is estimated from the
     leave-one-out result ``v`` and the own value's share ``a = self_weight / (weight sum +
-    self_weight)`` as ``(1 - a)^2 (mean((v - y)^2) - sigma^2) + a^2 sigma^2``. With
+    self_weight)`` as ``mean((1 - a)^2 ((v - y)^2 - sigma^2) + a^2 sigma^2)``, which holds where
+    the noise has the variance ``sigma^2`` everywhere (not shot noise). With
     ``return_weight_sum=True`` each result comes as ``(result, weight_sum)``, ``weight_sum`` the
     ``(S, 1, H, W)`` sum of the weights of the other entries.
     """
