@@ -463,6 +463,28 @@ def test_single_images_may_fall_back_to_nlmeans_that_keeps_part_of_each_entrys_o
     assert set(job._r.state.fallback_scores) == {None}
 
 
+def test_stacks_may_fall_back_to_pilot_weighted_nlmeans_that_keeps_part_of_each_entrys_own_value():
+    """On a stack with Gaussian noise the fallback also offers each pilot-weighted NL-means with the
+    weight 1 on an entry's own value; on a panning crop of the camera at low noise (fine,
+    unique structure) it wins and is recomputed from every entry."""
+    from skimage import data
+    from napari_ngr.operators import nl_means_stack
+    from napari_ngr.solver import OWN
+
+    cam = data.camera()[::2, ::2] / 255.0
+    clean = np.stack([cam[60 + t:100 + t, 80 + 2 * t:120 + 2 * t] for t in range(6)])
+    noisy = (clean + 0.05 * np.random.default_rng(1).standard_normal(clean.shape)).astype(np.float32)
+    job = napari_ngr.prepare_denoise(noisy, iterations=5, sigma=0.05)
+    res = job.run()
+    r, st = job._r, job._r.state
+    assert res.method == "NL-means" and isinstance(st.fallback_h, tuple) and st.fallback_h[0] == OWN
+    h = st.fallback_h[1]
+    own = nl_means_stack(r.full_operator.y, r.operator.sigma, h=h, guide=r._pilot, self_weight=1.0)
+    np.testing.assert_allclose(res.image, job._to_user(own), atol=1e-5)
+    loo = job._to_user(nl_means_stack(r.full_operator.y, r.operator.sigma, h=h, guide=r._pilot))
+    assert psnr(clean, res.image) > psnr(clean, loo) + 2 > psnr(clean, noisy) + 3
+
+
 def test_network_modes_are_checked(gray48):
     with pytest.raises(ValueError, match="pad_mode"):
         napari_ngr.denoise(gray48, iterations=2, pad_mode="mirror")
@@ -514,7 +536,7 @@ def test_nlmeans_fallback_is_returned_only_when_its_held_out_error_is_lower(stac
     estimate, on the held-out entries like the NGR estimate alone and returns the lowest
     (``fallback="nlmeans"``), saying so in ``method`` and ``nlmeans_weight``."""
     from napari_ngr.operators import nl_means_stack
-    from napari_ngr.solver import GUIDED_H, NLMEANS_WEIGHTS
+    from napari_ngr.solver import GUIDED_H, NLMEANS_WEIGHTS, OWN
 
     board, noisy = moving_board  # five iterations: the network has learnt little, NL-means wins
     job = napari_ngr.prepare_denoise(noisy, iterations=5, sigma=0.1)
@@ -529,14 +551,23 @@ def test_nlmeans_fallback_is_returned_only_when_its_held_out_error_is_lower(stac
     assert st.nlmeans_scores[-1] == pytest.approx(st.fallback_score, rel=1e-4, abs=1e-7)
     assert min(st.nlmeans_scores) == st.nlmeans_scores[-1] < st.final_score
     # On a stack the candidates are plain NL-means (None) and NL-means weighted on the low-rank
-    # pilot (GUIDED_H); the lowest held-out error is chosen and recomputed from every entry.
-    assert set(st.fallback_scores) == {None, *GUIDED_H}
+    # pilot (GUIDED_H), each also with the weight 1 on an entry's own value ((OWN, h): the noise
+    # is Gaussian); the lowest held-out error is chosen and recomputed from every entry.
+    assert set(st.fallback_scores) == {None, *GUIDED_H, *((OWN, h) for h in GUIDED_H)}
     assert st.fallback_score == min(st.fallback_scores.values()) == st.fallback_scores[st.fallback_h]
     assert st.fallback_h is not None  # the pilot's weights win on the moving board
-    ref = nl_means_stack(r.full_operator.y, r.operator.sigma, h=st.fallback_h, guide=r._pilot)  # held-out ones too
+    own = isinstance(st.fallback_h, tuple)
+    h = st.fallback_h[1] if own else st.fallback_h
+    full = r.full_operator.y  # held-out entries too
+    ref = nl_means_stack(full, r.operator.sigma, h=h, guide=r._pilot, self_weight=1.0 if own else 0.0)
     np.testing.assert_allclose(res.image, job._to_user(ref), atol=1e-5)
-    plain = nl_means_stack(r.full_operator.y, r.operator.sigma)
+    plain = nl_means_stack(full, r.operator.sigma)
     assert psnr(board, res.image) > psnr(board, job._to_user(plain)) + 1
+    # Shot noise: no own-value candidate (its error estimate assumes the same noise everywhere).
+    shot = (np.random.default_rng(0).poisson(board * 30) / 30).astype(np.float32)
+    job_shot = napari_ngr.prepare_denoise(shot, iterations=5)
+    job_shot.run()
+    assert set(job_shot._r.state.fallback_scores) == {None, *GUIDED_H}
     ngr = napari_ngr.prepare_denoise(noisy, iterations=5, sigma=0.1, fallback="none").run()
     assert ngr.method == "NGR" and ngr.nlmeans_weight == 0 and ngr.best_iteration == 5
     assert ngr.final_weight is not None

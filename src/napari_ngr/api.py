@@ -106,8 +106,9 @@ DEFAULTS = {
     # weights from a low-rank pilot matched across +-2 planes (operators.low_rank_denoise), h chosen
     # on the held-out entries (solver.GUIDED_H). Measured (docs/design.md): on the camera-pan video NL-means
     # returned, 32.64 dB (31.66 before the pilot; NGR 28.44); Z-stack 25 % mixed, 40.07 (39.34).
-    # Single images may instead mix NL-means with the weight 1 on an entry's own value (solver.OWN,
-    # unless the noise grows with the signal): 6 photos at sigma 0.05 / 0.1, +0.0 to +1.2 dB.
+    # Each candidate also comes with the weight 1 on an entry's own value (solver.OWN, unless the
+    # noise grows with the signal), and the mixes of every candidate are scored: 6 photos at sigma
+    # 0.05 / 0.1, +0.0 to +1.2 dB; camera-pan video at sigma 0.05 / 0.1 / 0.2, +0.55 / +0.27 / +0.09.
     # Not for spectra (``band_options``).
     "denoise": dict(iterations=600, mixed_iterations=250, planar_iterations=300, spatial_weight=1.0, channel_weight=0.5, stack_weight=0.5,
                     band_weight=2.0,
@@ -772,11 +773,10 @@ def denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="gaussian"
     entries imputed; leave-one-out, with 2-D patches matched across the two planes on either side
     on a stack, :func:`~napari_ngr.operators.nl_means_stack`; on a stack also NL-means weighted
     on a pilot, the low-rank patch-group denoising of the stack matched across planes, for five
-    ``h``, the candidate with the lowest held-out error kept; on a single image also NL-means with
-    the weight 1 on an entry's own value, as :func:`skimage.restoration.denoise_nl_means`, which
-    keeps fine and unique structure, unless the noise grows with the signal) and its mixes
-    ``(1 - w) NGR + w NL-means``, ``w`` in 0.25, 0.5, 0.75, 1, are scored on them like the
-    network's estimate; where the best is lower by more than twice the standard error of the
+    ``h``; unless the noise grows with the signal, each also with the weight 1 on an entry's own
+    value, as :func:`skimage.restoration.denoise_nl_means`, which keeps fine and unique structure)
+    and their mixes ``(1 - w) NGR + w NL-means``, ``w`` in 0.25, 0.5, 0.75, 1, are scored on them
+    like the network's estimate; where the best is lower by more than twice the standard error of the
     difference, it is returned (``fallback="nlmeans"``; ``result.method`` is then ``"NL-means"``
     or ``"NGR + NL-means"``, else ``"NGR"``; ``result.nlmeans_weight`` is ``w``;
     ``fallback="none"`` always returns the network's estimate). On a CPU budget NL-means wins on

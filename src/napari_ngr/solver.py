@@ -42,9 +42,9 @@ No ground truth is used anywhere. Which iterate is returned (see :class:`Restora
   ``prefilter="lowrank"`` by its low-rank patch-group denoising, patches matched on that NL-means.
   ``fallback="nlmeans"`` returns NL-means of the observation, or a mix of it and the NGR image,
   where that predicts the held-out entries clearly better (:meth:`Restoration.nlmeans_weight`);
-  on a stack the NL-means with the lowest held-out error among plain NL-means and NL-means
-  weighted on a low-rank pilot, on a single image the best mix of leave-one-out NL-means or of
-  NL-means with the weight 1 on an entry's own value (:meth:`Restoration._fallback_candidates`).
+  the best mix among leave-one-out NL-means (on a stack also NL-means weighted on a low-rank
+  pilot) and each of them with the weight 1 on an entry's own value
+  (:meth:`Restoration._fallback_candidates`).
 """
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ NLMEANS_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: 0.325, 0.46, 0.65, 0.92 and 1.3, a factor sqrt(2) apart, so that each weight is the square of the
 #: next one's (one exponential for the five).
 GUIDED_H = tuple(1.3 / 2 ** (k / 2) for k in range(4, -1, -1))
-#: ``fallback="nlmeans"`` on single images: the key (``state.fallback_h``) of the NL-means candidate that
-#: gives an entry's own value the weight 1 (:func:`~napari_ngr.operators.nl_means_stack`'s ``self_weight``).
+#: ``fallback="nlmeans"``: the key (``state.fallback_h``) of the single image's NL-means candidate that
+#: gives an entry's own value the weight 1 (:func:`~napari_ngr.operators.nl_means_stack`'s ``self_weight``);
+#: on a stack ``(OWN, h)`` is the pilot-weighted candidate ``h`` with that weight.
 OWN = "own"
 #: ... offered only where the noise does not grow with the signal: where the variance of the finest
 #: Haar diagonal detail (its median absolute value, squared) in the brightest third of the image is
@@ -219,7 +220,8 @@ class _State:
     nlmeans_weight: float = 0.0  # fallback="nlmeans": NL-means' share of the returned image
     nlmeans_scores: list | None = None  # estimated held-out errors of the shares NLMEANS_WEIGHTS
     fallback_at: int = -1  # the iteration nlmeans_weight was decided at
-    fallback_h: float | str | None = None  # the NL-means chosen: None plain, OWN own value weighted 1, h pilot-weighted
+    # the NL-means chosen: None plain, OWN own value weighted 1, h pilot-weighted, (OWN, h) both
+    fallback_h: float | str | tuple | None = None
     fallback_scores: dict | None = None  # estimated held-out error of each fallback candidate, by h
 
 
@@ -565,12 +567,15 @@ class Restoration:
         0.6 sigma``, within the plane of a single image with ``0.8 sigma`` (five planes offer five
         times the candidates, each must be closer); :data:`OWN`: that NL-means of a single image
         with the weight 1 on an entry's own value; a number: NL-means of a stack weighted on the
-        pilot of :meth:`_fallback_candidates` with that ``h``. ``weight_sum``: ``(result, sum of
-        the other entries' weights)``."""
+        pilot of :meth:`_fallback_candidates` with that ``h``; ``(OWN, h)``: the same with the
+        weight 1 on an entry's own value. ``weight_sum`` (``None`` and :data:`OWN`): ``(result,
+        sum of the other entries' weights)``."""
         sigma = self.operator.sigma
         if h is None or h == OWN:
             return nl_means_stack(x, sigma, h=0.6 if x.shape[0] > 1 else 0.8, self_weight=1.0 if h == OWN else 0.0,
                                   return_weight_sum=weight_sum)
+        if isinstance(h, tuple):  # (OWN, h): pilot-weighted with the weight 1 on an entry's own value
+            return nl_means_stack(x, sigma, h=h[1], guide=self._pilot, self_weight=1.0)
         return nl_means_stack(x, sigma, h=h, guide=self._pilot)
 
     def _fallback_candidates(self, x: torch.Tensor, at: torch.Tensor) -> dict:
@@ -585,8 +590,10 @@ class Restoration:
         either side, on the NL-means), kept for the candidate's recomputation from all entries.
         Its values are still ``x``'s, an entry's own value still gets no weight, so its held-out
         error stays honest (unlike the pilot's own: hard thresholding keeps some of an entry's own
-        noise). Only the values at ``at`` are kept (a large stack's six candidates are not held
-        whole)."""
+        noise); and ``(OWN, h)``, each of them with the weight 1 on the entry's own value, scored
+        as :data:`OWN`. The :data:`OWN` candidates are offered only where the noise does not grow
+        with the signal (:data:`OWN_MAX_NOISE_RATIO`). Only the values at ``at`` are kept (a large
+        stack's eleven candidates are not held whole)."""
         if x.shape[0] == 1:
             plain, wsum = self._nl_means(x, weight_sum=True)
             cands = {None: (plain[at], None)}
@@ -598,8 +605,12 @@ class Restoration:
         # reference patches every 4 px (3 for single images): the weighted NL-means is the same
         # to 0.01 dB on the video, time-lapse and Z-stack samples, the pilot 25-30 % faster
         self._pilot = low_rank_denoise(x, self.operator.sigma, guide=plain, plane_distance=2, step=4)
-        guided = nl_means_stack(x, self.operator.sigma, h=GUIDED_H, guide=self._pilot)
-        return {None: (plain[at], None), **{h: (v[at], None) for h, v in zip(GUIDED_H, guided)}}
+        guided = nl_means_stack(x, self.operator.sigma, h=GUIDED_H, guide=self._pilot, return_weight_sum=True)
+        cands = {None: (plain[at], None), **{h: (v[at], None) for h, (v, _) in zip(GUIDED_H, guided)}}
+        if _noise_variance_ratio(self.full_operator.y) <= OWN_MAX_NOISE_RATIO:
+            for h, (v, wsum) in zip(GUIDED_H, guided):
+                cands[(OWN, h)] = (v[at], (1.0 / (wsum + 1.0)).expand_as(v)[at])
+        return cands
 
     def _network_estimate(self) -> torch.Tensor:
         """:meth:`estimate` without the NL-means fallback."""
@@ -658,10 +669,10 @@ class Restoration:
 
         With ``fallback="nlmeans"`` (Gaussian denoising of images and stacks, by default), NL-means
         of the observation with the held-out entries imputed is computed (:meth:`_fallback_candidates`:
-        leave-one-out, with 2-D patches matched across neighbouring planes on a stack; on a single
-        image also with the weight 1 on an entry's own value; ``state.fallback_h`` is, on a stack,
-        the candidate with the lowest held-out error, on a single image the one whose best mix
-        below scores lowest). Each
+        leave-one-out, with 2-D patches matched across neighbouring planes on a stack, where it is
+        also weighted on a low-rank pilot; each also with the weight 1 on an entry's own value
+        where the noise allows; ``state.fallback_h`` is the candidate whose best mix below scores
+        lowest). Each
         ``alpha`` in :data:`NLMEANS_WEIGHTS` is scored on those entries like the NGR estimate
         alone: with ``g`` the NGR image's prediction of a held-out entry ``y`` from the other
         entries, ``a`` the weight the returned image gives an entry's own value (its hat weight),
@@ -689,9 +700,9 @@ class Restoration:
                 scores = {h: _own_score(v, own, y, s2) for h, (v, own) in cands.items()}
                 st.fallback_scores = scores
                 best = min(scores, key=lambda h: (scores[h], h is not None))
-                # A stack mixes the candidate that is best alone; a single image scores the mixes
-                # of both of its own (leave-one-out NL-means errs where the other does not).
-                self._fallback_nlm = {h: cands[h] for h in (cands if OWN in cands else (best,))}
+                # The mixes of every candidate are scored: the one best alone need not mix best
+                # (leave-one-out NL-means errs where the network does not).
+                self._fallback_nlm = cands
                 st.fallback_h, st.fallback_score = best, scores[best]
             if st.best_fields is not None:  # select="holdout": the best check's
                 g, a = st.best_held
