@@ -594,22 +594,21 @@ class Restoration:
         as :data:`OWN`. The :data:`OWN` candidates are offered only where the noise does not grow
         with the signal (:data:`OWN_MAX_NOISE_RATIO`). Only the values at ``at`` are kept (a large
         stack's eleven candidates are not held whole)."""
+        # {h: (leave-one-out NL-means, the other entries' weight sum where it has an own-value version)}
         if x.shape[0] == 1:
-            plain, wsum = self._nl_means(x, weight_sum=True)
-            cands = {None: (plain[at], None)}
-            if _noise_variance_ratio(self.full_operator.y) <= OWN_MAX_NOISE_RATIO:  # the observation as it is
-                own = (1.0 / (wsum + 1.0)).expand_as(plain)[at]
-                cands[OWN] = (plain[at], own)
-            return cands
-        plain = self._nl_means(x)
-        # reference patches every 4 px (3 for single images): the weighted NL-means is the same
-        # to 0.01 dB on the video, time-lapse and Z-stack samples, the pilot 25-30 % faster
-        self._pilot = low_rank_denoise(x, self.operator.sigma, guide=plain, plane_distance=2, step=4)
-        guided = nl_means_stack(x, self.operator.sigma, h=GUIDED_H, guide=self._pilot, return_weight_sum=True)
-        cands = {None: (plain[at], None), **{h: (v[at], None) for h, (v, _) in zip(GUIDED_H, guided)}}
-        if _noise_variance_ratio(self.full_operator.y) <= OWN_MAX_NOISE_RATIO:
-            for h, (v, wsum) in zip(GUIDED_H, guided):
-                cands[(OWN, h)] = (v[at], (1.0 / (wsum + 1.0)).expand_as(v)[at])
+            loo = {None: self._nl_means(x, weight_sum=True)}
+        else:
+            plain = self._nl_means(x)
+            # reference patches every 4 px (3 for single images): the weighted NL-means is the same
+            # to 0.01 dB on the video, time-lapse and Z-stack samples, the pilot 25-30 % faster
+            self._pilot = low_rank_denoise(x, self.operator.sigma, guide=plain, plane_distance=2, step=4)
+            guided = nl_means_stack(x, self.operator.sigma, h=GUIDED_H, guide=self._pilot, return_weight_sum=True)
+            loo = {None: (plain, None), **dict(zip(GUIDED_H, guided))}
+        cands = {h: (v[at], None) for h, (v, _) in loo.items()}
+        if _noise_variance_ratio(self.full_operator.y) <= OWN_MAX_NOISE_RATIO:  # the observation as it is
+            for h, (v, wsum) in loo.items():
+                if wsum is not None:
+                    cands[OWN if h is None else (OWN, h)] = (v[at], (1.0 / (wsum + 1.0)).expand_as(v)[at])
         return cands
 
     def _network_estimate(self) -> torch.Tensor:
