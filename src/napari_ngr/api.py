@@ -96,7 +96,8 @@ DEFAULTS = {
     # camera, -0.1 dB on brick (NL-means start against none, before the low-rank one). From the
     # low-rank start the network adds little (astronaut sigma 0.1: the start alone 31.09 dB, the
     # returned check 30.82 at 250 iterations, 30.90 at 300, 31.01 at 425; most photos stop before
-    # 300), so single images get ``planar_iterations`` (300) and meet the 30 s target on 2 cores.
+    # 300), so single images get ``planar_iterations``: 250, not 300 since the 2-core Intel Xeon ran
+    # 300 in 34-38 s (12 photo cases, sigma 0.05-0.2: 250 against 300 -0.025 dB on average, at most -0.10).
     # Stacks and spectra keep the Gaussian guide of the estimate,
     # refreshed: a per-plane NL-means ignores the third axis that NGR uses there (synthetic Z-stack:
     # -0.9 dB with it).
@@ -110,7 +111,7 @@ DEFAULTS = {
     # noise grows with the signal), and the mixes of every candidate are scored: 6 photos at sigma
     # 0.05 / 0.1, +0.0 to +1.2 dB; camera-pan video at sigma 0.05 / 0.1 / 0.2, +0.55 / +0.27 / +0.09.
     # Not for spectra (``band_options``).
-    "denoise": dict(iterations=600, mixed_iterations=250, planar_iterations=300, spatial_weight=1.0, channel_weight=0.5, stack_weight=0.5,
+    "denoise": dict(iterations=600, mixed_iterations=250, planar_iterations=250, spatial_weight=1.0, channel_weight=0.5, stack_weight=0.5,
                     band_weight=2.0,
                     options=dict(ema=0.9, holdout=0.05, guide=1.0, guide_refresh=25, data_weight=0.01,
                                  final_weight="auto", discrepancy=1.0, min_iterations=20, fallback="nlmeans"),
@@ -727,7 +728,7 @@ def denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="gaussian"
     iterations : int, optional
         Iteration budget; the loop may stop earlier (see Notes). Default:
         ``DEFAULTS["denoise"]["iterations"]`` (600) for stacks and spectra,
-        ``["planar_iterations"]`` (300) for single grey or colour images with Gaussian noise,
+        ``["planar_iterations"]`` (250) for single grey or colour images with Gaussian noise,
         ``["mixed_iterations"]`` (250) with ``noise="mixed"``.
     channel_axis, axes, spatial_weight, stack_weight, seed, device, callback, return_gradients, **options
         As in :func:`inpaint`.

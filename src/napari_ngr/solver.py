@@ -378,7 +378,10 @@ class Restoration:
         if options.guide > 0:
             g = self._prefiltered.reshape(1, planes, H, W) if self._prefiltered is not None else self._guide(self.x)
             self.z = torch.cat([self.z_code, g], dim=1)
-        self.optim = torch.optim.Adam(self.net.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+        # fused Adam (one kernel over every parameter): PyTorch's default on a CPU is a Python loop over
+        # the 94 parameter tensors, 4-5 ms of a 90 ms iteration (256^2 RGB, 2 cores); fused, about 1 ms
+        fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
+        self.optim = torch.optim.Adam(self.net.parameters(), lr=options.lr, weight_decay=options.weight_decay, **fused)
         self.u = self.x.clone()
         self.w = torch.zeros_like(self.x)
         self.avg = self.x.clone()
@@ -408,7 +411,7 @@ class Restoration:
         opt = self.opt
         z = self.z
         if opt.input_noise > 0:
-            z = z + opt.input_noise * torch.randn(z.shape, generator=self._gen).to(self.device)
+            z = torch.add(z, torch.randn(z.shape, generator=self._gen).to(self.device), alpha=opt.input_noise)
         if self._bf16:
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 out = self.net(z)

@@ -338,7 +338,7 @@ class RestoreWidget(QWidget):
         self.iterations_spin.setSpecialValueText("auto")  # 0: the library's default for the data
         self.iterations_spin.setToolTip("Iteration budget (the run may stop earlier when the held-out\n"
                                         "pixels stop improving). auto (0): the library's default for the\n"
-                                        "task and the data, e.g. denoising 300 for a single image, 600\n"
+                                        "task and the data, e.g. denoising 250 for a single image, 600\n"
                                         "for a stack (napari_ngr.DEFAULTS).")
         self.strength_spin = QDoubleSpinBox()
         self.strength_spin.setRange(0.01, 100.0)
