@@ -577,9 +577,8 @@ class Restoration:
         if h is None or h == OWN:
             return nl_means_stack(x, sigma, h=0.6 if x.shape[0] > 1 else 0.8, self_weight=1.0 if h == OWN else 0.0,
                                   return_weight_sum=weight_sum)
-        if isinstance(h, tuple):  # (OWN, h): pilot-weighted with the weight 1 on an entry's own value
-            return nl_means_stack(x, sigma, h=h[1], guide=self._pilot, self_weight=1.0)
-        return nl_means_stack(x, sigma, h=h, guide=self._pilot)
+        own = isinstance(h, tuple)  # (OWN, h): pilot-weighted with the weight 1 on an entry's own value
+        return nl_means_stack(x, sigma, h=h[1] if own else h, guide=self._pilot, self_weight=1.0 if own else 0.0)
 
     def _fallback_candidates(self, x: torch.Tensor, at: torch.Tensor) -> dict:
         """The fallback's candidates at the entries ``at`` (the held-out ones), keyed by ``h``, as
@@ -701,11 +700,9 @@ class Restoration:
                 cands = self._fallback_candidates(op.initial_estimate().to(self.device), held)
                 scores = {h: _own_score(v, own, y, s2) for h, (v, own) in cands.items()}
                 st.fallback_scores = scores
-                best = min(scores, key=lambda h: (scores[h], h is not None))
                 # The mixes of every candidate are scored: the one best alone need not mix best
                 # (leave-one-out NL-means errs where the network does not).
                 self._fallback_nlm = cands
-                st.fallback_h, st.fallback_score = best, scores[best]
             if st.best_fields is not None:  # select="holdout": the best check's
                 g, a = st.best_held
             else:
