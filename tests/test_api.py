@@ -416,6 +416,45 @@ def test_auto_final_weight_is_chosen_near_the_best_without_ground_truth(gray48):
     assert chosen["smooth"] < chosen["grass"]
 
 
+def test_final_weight_walk_finds_the_lowest_estimate_from_any_start(rgb48, monkeypatch):
+    """The held-out choice of the final data weight walks from the last check's choice. From any
+    start it ends at the candidate whose estimated error is the lowest of all (each scored alone
+    here), and from the previous choice it needs fewer DCT solves than from the first candidate."""
+    from napari_ngr import solver
+
+    noisy = rgb48 + 0.1 * np.random.default_rng(1).standard_normal(rgb48.shape)
+    job = napari_ngr.prepare_denoise(noisy, channel_axis=-1, sigma=0.1, iterations=50, precision="float32")
+    for _ in job.iterate():
+        pass
+    r = job._r
+    weights = solver.FINAL_WEIGHTS
+    alone = {}
+    for c in weights:  # a list of one candidate: its own estimate
+        monkeypatch.setattr(solver, "FINAL_WEIGHTS", (c,))
+        r._final_index = 0
+        alone[c] = r._choose_final_weight()[0]
+    monkeypatch.setattr(solver, "FINAL_WEIGHTS", weights)
+    lowest = min(alone, key=alone.get)
+
+    solves = [0]
+    orig = r.grad.solve
+
+    def counting(*args, **kwargs):
+        solves[0] += 1
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(r.grad, "solve", counting)
+    cost = {}
+    for start in (0, len(weights) // 2, len(weights) - 1, weights.index(lowest)):
+        r._final_index, solves[0] = start, 0
+        score, c, _ = r._choose_final_weight()
+        cost[start] = solves[0]
+        assert c == lowest, (start, c, alone)
+        assert score == pytest.approx(alone[lowest], rel=1e-3, abs=1e-9)
+        assert r._final_index == weights.index(lowest)
+    assert cost[weights.index(lowest)] < cost[0] or weights.index(lowest) <= 2, cost
+
+
 def test_patience_tol_counts_only_real_progress(gray48):
     """With ``patience_tol`` the patience counts from the last held-out gain of that size, so the
     loop stops earlier; the returned iterate is still the best held-out one."""

@@ -373,11 +373,11 @@ class Restoration:
         self.net = net_cls(n_in, planes, len(self.axes), channels=options.channels,
                            levels=levels, skip_channels=options.skip_channels,
                            pad_mode=options.pad_mode, upsample=options.upsample).to(self.device)
-        self.z = (0.1 * torch.rand((1, options.input_channels, H, W), generator=self._gen)).to(self.device)
-        self.z_code = self.z
+        self.z_code = (0.1 * torch.rand((1, options.input_channels, H, W), generator=self._gen)).to(self.device)
+        g = None
         if options.guide > 0:
             g = self._prefiltered.reshape(1, planes, H, W) if self._prefiltered is not None else self._guide(self.x)
-            self.z = torch.cat([self.z_code, g], dim=1)
+        self._set_input(g)
         # fused Adam (one kernel over every parameter): PyTorch's default on a CPU is a Python loop over
         # the 94 parameter tensors, 4-5 ms of a 90 ms iteration (256^2 RGB, 2 cores); fused, about 1 ms
         fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
@@ -391,12 +391,20 @@ class Restoration:
         self.fields = {name: forward_difference(self.x, dim) for name, dim in self.dims.items()}
         # Fused data terms with select="holdout": every check_every iterations, the held-out error
         # of the returned image (as final_weight="auto" estimates it) picks the best check so far.
+        self._final_index = 0  # final_weight="auto": where the next choice starts (FINAL_WEIGHTS index)
         self._select = (options.select == "holdout" and self.noise_held is not None
                         and self.operator.fused_weight is not None)
         self._disc_scale = None  # expected mean squared residual y - x with exact gradients
         op = self.operator
         if options.discrepancy > 0 and op.fused_weight is not None and getattr(op, "sigma", None):
             self._disc_scale = op.sigma ** 2 * self.grad.residual_factor(op.fused_weight)
+
+    def _set_input(self, guide: torch.Tensor | None) -> None:
+        """The network's input ``z``: the random code, then the guide's planes if any, channels-last
+        (the network's layout): the input noise is then added in that layout, and the first
+        convolution needs no copy (1.6 ms of an 85 ms iteration, 256^2 RGB on 2 CPU cores)."""
+        z = self.z_code if guide is None else torch.cat([self.z_code, guide], dim=1)
+        self.z = z.contiguous(memory_format=torch.channels_last)
 
     def _guide(self, x: torch.Tensor) -> torch.Tensor:
         from scipy import ndimage
@@ -473,7 +481,7 @@ class Restoration:
             st.iteration = k
             if opt.guide > 0 and opt.guide_refresh and k % opt.guide_refresh == 0 and self._prefiltered is None:
                 src = self.avg if opt.ema > 0 else self.x
-                self.z = torch.cat([self.z_code, self._guide(self.operator.compose(src))], dim=1)
+                self._set_input(self._guide(self.operator.compose(src)))
             if opt.ema > 0:
                 self.avg = opt.ema * self.avg + (1 - opt.ema) * self.x if k > 1 else self.x.clone()
                 current = self.avg
@@ -747,10 +755,12 @@ class Restoration:
         held = self.noise_held
         y, w, s2 = op.y, op.fused_weight, op.sigma ** 2
         x = self.x
-        scores = []
+        scores = {}  # index in FINAL_WEIGHTS -> estimated error
         preds = {}
-        for c in FINAL_WEIGHTS:
-            wn = w * c
+        n = len(FINAL_WEIGHTS)
+        i = self._final_index  # the last check's choice (the first check: the largest weight)
+        while True:
+            wn = w * FINAL_WEIGHTS[i]
             for _ in range(50):  # held-out entries imputed: converges geometrically (their hat weight < 1)
                 x_new = self.grad.solve(self.gavg + wn * torch.where(held, x, y), wn)
                 step = float((x_new - x)[held].abs().max())
@@ -759,13 +769,18 @@ class Restoration:
                     break
             err = float(torch.mean((x - y)[held] ** 2))
             a = self.grad.hat_trace(wn)
-            scores.append(((1 - a) ** 2 * (err - s2) + a * a * s2, c))
-            preds[c] = (x[held].clone(), a)
-            best = min(scores)
-            if len(scores) - scores.index(best) > 2:  # two candidates past the minimum: it is behind us
+            scores[i] = (1 - a) ** 2 * (err - s2) + a * a * s2
+            preds[i] = (x[held].clone(), a)
+            # Walk until the lowest estimate has two evaluated neighbours on each side (or the list
+            # ends): from the largest weight that is the former scan down the list, stopped two
+            # candidates past the minimum; from the last check's choice, 5 candidates where it stays.
+            b = min(scores, key=lambda j: (scores[j], -j))  # ties: the smaller weight, as before
+            todo = [j for j in range(max(0, b - 2), min(n, b + 3)) if j not in scores]
+            if not todo:
                 break
-        score, c = min(scores)
-        return score, c, preds[c]
+            i = min(todo, key=lambda j: (abs(j - b), -j))
+        self._final_index = b
+        return scores[b], FINAL_WEIGHTS[b], preds[b]
 
     def gradients(self, est: torch.Tensor | None = None) -> dict:
         """Gradient maps of ``est`` (default: the returned estimate) along each regularized axis
