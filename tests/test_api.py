@@ -112,6 +112,29 @@ def test_same_seed_same_output_and_input_unchanged(rgb48):
     np.testing.assert_array_equal(mask, mbefore)
 
 
+
+def test_seed_none_is_reported_and_reproducible_and_global_rng_untouched(gray48):
+    noisy = (gray48 + np.random.default_rng(2).normal(0, 0.1, gray48.shape)).astype(np.float32)
+    torch.manual_seed(1234)
+    expected = torch.rand(3)  # what the caller's next draws are without a restoration in between
+    torch.manual_seed(1234)
+    job = napari_ngr.prepare_denoise(noisy, sigma=0.1, iterations=4, seed=None)
+    first = job.run()
+    np.testing.assert_array_equal(torch.rand(3), expected)  # torch's global state left as it was
+    assert isinstance(first.seed, int) and 0 <= first.seed < 2 ** 63
+    again = napari_ngr.prepare_denoise(noisy, sigma=0.1, iterations=4, seed=first.seed).run()
+    np.testing.assert_array_equal(first.image, again.image)
+    assert again.seed == first.seed
+    other = napari_ngr.prepare_denoise(noisy, sigma=0.1, iterations=4, seed=None).run()
+    assert other.seed != first.seed and not np.array_equal(other.image, first.image)
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 63, 1.5, "3", True])
+def test_bad_seed_is_a_clear_error(seed):
+    img = np.random.default_rng(0).random((16, 16))
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        napari_ngr.denoise(img, sigma=0.1, iterations=1, seed=seed)
+
 def test_mask_broadcast_forms_agree(rgb48):
     miss2d = np.zeros(rgb48.shape[:2], bool)
     miss2d[5:15, 20:30] = True

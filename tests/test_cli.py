@@ -389,6 +389,7 @@ def test_usage_errors_exit_2(tmp_path, camera, capsys):
     assert main(["denoise", str(tmp_path / "nothing*.tif")]) == 2
     assert main(["denoise", a, "-o", a]) == 2  # would overwrite the input
     assert main(["denoise", a, "--iterations", "0"]) == 2
+    assert main(["denoise", a, "--seed", "-1"]) == 2
     assert main(["denoise", a, "--axes", "QYX"]) == 2
     assert main(["denoise", a, "--device", "tpu"]) == 2
     assert main(["denoise", a, "-o", str(tmp_path / "x.png")]) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -161,6 +162,9 @@ class RestorationResult:
         The network's arithmetic that was used, ``"float32"`` or ``"bfloat16"`` (the default
         ``precision="auto"`` chooses bfloat16 for a single image on a CPU with native bfloat16,
         float32 elsewhere).
+    seed : int
+        The seed that was used (drawn from the operating system for ``seed=None``): passing it
+        again gives the same result on the same device.
     """
 
     image: np.ndarray
@@ -175,6 +179,7 @@ class RestorationResult:
     nlmeans_weight: float = 0.0
     start: str | None = None
     precision: str = "float32"
+    seed: int = 0
 
     @property
     def nlmeans_note(self) -> str:
@@ -306,11 +311,11 @@ class RestorationJob:
         if alpha >= 1:
             return RestorationResult(image, grads, r.state.iteration, 0, reason, self.sigma,
                                      list(r.state.history), None, method="NL-means", nlmeans_weight=1.0,
-                                     start=r.start_name, precision=r.precision)
+                                     start=r.start_name, precision=r.precision, seed=r.opt.seed)
         return RestorationResult(image, grads, r.state.iteration, r.state.best_iteration, reason,
                                  self.sigma, list(r.state.history), r.final_weight(),
                                  method="NGR + NL-means" if alpha > 0 else "NGR", nlmeans_weight=alpha,
-                                 start=r.start_name, precision=r.precision)
+                                 start=r.start_name, precision=r.precision, seed=r.opt.seed)
 
 
 def _axes_weights(layout: Layout, spatial_weight, channel_weight, stack_weight) -> dict:
@@ -339,6 +344,10 @@ def _options(task: str, iterations, seed, extra: dict, planar: bool = False, ban
     if int(it) != it or it < 1:
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
     opts["iterations"] = int(it)
+    if seed is None:  # fresh entropy, as numpy's default_rng(None); RestorationResult.seed reports it
+        seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> np.uint64(1))
+    elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
     opts["seed"] = int(seed)
     return SolverOptions(**opts)
 
@@ -451,9 +460,10 @@ def inpaint(image, mask, *, channel_axis=None, axes=None, iterations=None, spati
     spatial_weight, channel_weight, stack_weight : float, optional
         The penalty weights lambda of the Y/X gradients, of the channel gradient and of the
         Z/T gradient. Defaults are in ``napari_ngr.DEFAULTS``.
-    seed : int
+    seed : int or None
         Seeds the network, its random input and the validation split: the same seed gives the
-        same output on the same device.
+        same output on the same device. ``None`` draws a seed from the operating system (reported
+        by :attr:`RestorationResult.seed`). torch's global random state is left as it was.
     device : {None, "auto", "cpu", "cuda", "mps"}
         ``None``/``"auto"``: CUDA when present, else MPS, else CPU.
     callback : callable, optional

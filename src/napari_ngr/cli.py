@@ -147,6 +147,13 @@ def _int(text):
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _seed(text):
+    v = _int(text)
+    if not 0 <= v < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
+    return v
+
+
 def _float_ge0(text):
     try:
         v = float(text)
@@ -233,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                               + (f"; {d['band_weight']} above 4 channels" if "band_weight" in d else "") + ")")
         sol.add_argument("--stack-weight", type=_float_ge0, metavar="W",
                          help=f"weight of the Z/T gradient (default {d['stack_weight']})")
-        sol.add_argument("--seed", type=_int, default=0, help="random seed (default 0)")
+        sol.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
         sol.add_argument("--device", default="auto",
                          help="auto (CUDA, then MPS, then CPU; default), cpu, cuda, cuda:1, mps")
         sol.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",

@@ -305,8 +305,10 @@ class Restoration:
         self.preview_every = int(preview_every)
         self.to_user = to_user or (lambda t: t.detach().cpu().numpy())
         self.state = _State()
-        self._gen = torch.Generator(device="cpu").manual_seed(int(options.seed))
-        torch.manual_seed(int(options.seed))
+        seed = options.seed
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        self._gen = torch.Generator(device="cpu").manual_seed(int(seed))
         y = operator.y
         self.shape = tuple(y.shape)
         S, C, H, W = self.shape
@@ -370,9 +372,14 @@ class Restoration:
         n_in = options.input_channels + (planes if options.guide > 0 else 0)
         levels = max(0, min(options.levels, int(math.log2(min(H, W))) - 2))  # coarsest map >= 2 px
         net_cls = GradientNet if options.shared_trunk else SeparateGradientNets
-        self.net = net_cls(n_in, planes, len(self.axes), channels=options.channels,
-                           levels=levels, skip_channels=options.skip_channels,
-                           pad_mode=options.pad_mode, upsample=options.upsample).to(self.device)
+        # The layers' initial weights come from torch's global generator: seeded here, and restored
+        # afterwards, so that a restoration neither depends on nor changes the caller's random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            self.net = net_cls(n_in, planes, len(self.axes), channels=options.channels,
+                               levels=levels, skip_channels=options.skip_channels,
+                               pad_mode=options.pad_mode, upsample=options.upsample)
+        self.net = self.net.to(self.device)
         self.z_code = (0.1 * torch.rand((1, options.input_channels, H, W), generator=self._gen)).to(self.device)
         g = None
         if options.guide > 0:
