@@ -153,6 +153,24 @@ def test_stack_with_yx_mask(stack):
     assert psnr(stack[:, miss], out[:, miss]) > psnr(stack[:, miss], img[:, miss]) + 15
 
 
+
+def test_a_missing_slice_or_band_is_interpolated_from_its_neighbours(stack, cube):
+    # a Z slice / frame lost whole, and 30 % of the other entries missing at random
+    miss = np.random.default_rng(3).random(stack.shape) < 0.3
+    miss[2] = True
+    out = napari_ngr.inpaint(np.where(miss, 0, stack), miss, iterations=20)
+    between = 0.5 * (out[1] + out[3])  # the returned neighbours, interpolated
+    np.testing.assert_allclose(out[2], between, atol=1e-5)
+    linear = 0.5 * (stack[1] + stack[3])  # ... as good as interpolating the true neighbours
+    assert psnr(stack[2], out[2]) > psnr(stack[2], linear) - 1.0
+    assert psnr(stack[2], out[2]) > psnr(stack[2], np.full_like(stack[2], stack[~miss].mean())) + 8
+    # a dead band of a spectrum (channel_axis=0): from the bands on either side
+    bands = np.zeros(cube.shape, bool)
+    bands[5] = True
+    out = napari_ngr.inpaint(np.where(bands, 0, cube), bands, channel_axis=0, iterations=10)
+    np.testing.assert_allclose(out[5], 0.5 * (cube[4] + cube[6]), atol=1e-5)
+    np.testing.assert_array_equal(out[~bands], cube[~bands].astype(np.float32))
+
 def test_iterate_cancel_keeps_best_and_previews(gray48):
     missing = np.random.default_rng(0).random(gray48.shape) < 0.5
     img = np.where(missing, 0, gray48)

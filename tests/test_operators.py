@@ -574,3 +574,27 @@ def test_patch_group_filters_run_on_the_cpu_for_devices_without_float64(monkeypa
     assert isinstance(moved[1], list) and all(torch.equal(a, b) for a, b in zip(direct[1], moved[1]))
     for fn in (operators.dct_fill, operators.nonlocal_fill, operators.low_rank_denoise, operators.nl_means_stack):
         assert fn.__wrapped__ is not None and fn.__doc__  # wrapped, documentation kept
+
+
+def test_fill_empty_planes_interpolates_along_the_stack_then_the_channels():
+    from napari_ngr.operators import _fill_empty_planes
+
+    S, C = 5, 3
+    x = np.arange(S * C, dtype=np.float64).reshape(S, C, 1, 1) * np.ones((1, 1, 2, 3))
+    obs = np.ones(x.shape, bool)
+    obs[1, 0] = obs[2, 0] = False  # two planes in a row: 1/3 and 2/3 of the way
+    obs[4, 1] = False  # the last plane: a copy of the nearest one
+    obs[:, 2] = False  # a channel with no data anywhere: from the other channels of each plane
+    obs[0, 1, 0, 0] = False  # a partly observed plane is not touched
+    for out in (np.where(obs, x, -1.0), torch.from_numpy(np.where(obs, x, -1.0))):
+        _fill_empty_planes(out, obs if isinstance(out, np.ndarray) else torch.from_numpy(obs))
+        out = np.asarray(out)
+        np.testing.assert_allclose(out[1, 0], x[0, 0] + (x[3, 0] - x[0, 0]) / 3)
+        np.testing.assert_allclose(out[2, 0], x[0, 0] + 2 * (x[3, 0] - x[0, 0]) / 3)
+        np.testing.assert_allclose(out[4, 1], out[3, 1])
+        np.testing.assert_allclose(out[3, 2], out[3, 1])  # nearest channel with data: C = 1
+        assert out[0, 1, 0, 0] == -1.0
+    only = np.zeros((1, 1, 2, 2), bool)
+    z = np.full((1, 1, 2, 2), 7.0)
+    _fill_empty_planes(z, only)  # nothing observed anywhere: zeros, not NaN
+    assert np.all(z == 0.0)

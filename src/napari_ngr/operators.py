@@ -48,6 +48,47 @@ class Operator:
         return self.y
 
 
+def _fill_empty_planes(out, obs) -> None:
+    """Fill, in place, the planes of ``out`` (S, C, H, W; an ndarray or a tensor) where ``obs``
+    (its shape, bool) has no observed entry: a missing Z slice or frame, a dead band or channel,
+    which a fill within the plane cannot reach and the held-out entries cannot judge.
+
+    Each such plane is interpolated linearly, pixel by pixel, between the nearest planes along the
+    stack axis (S) of the same channel that have observed entries (at an end of the stack, a copy
+    of the nearest one); where no plane of that channel has any, between the nearest channels of
+    the same plane along C (neighbouring bands of a spectrum); where neither has, the mean of the
+    observed data.
+    """
+    S, C = out.shape[:2]
+    has = np.asarray((obs.reshape(S, C, -1).sum(-1) > 0).tolist(), dtype=bool).reshape(S, C)
+    if has.all():
+        return
+    src = out.copy() if isinstance(out, np.ndarray) else out.clone()  # planes with data only
+
+    def interpolate(k, known, get):
+        below, above = known[known < k], known[known > k]
+        if not len(below):
+            return get(above[0])
+        if not len(above):
+            return get(below[-1])
+        lo, hi = below[-1], above[0]
+        t = float(k - lo) / float(hi - lo)
+        return (1 - t) * get(lo) + t * get(hi)
+
+    for s in range(S):
+        for c in range(C):
+            if has[s, c]:
+                continue
+            along_s = np.flatnonzero(has[:, c])
+            along_c = np.flatnonzero(has[s])
+            if S > 1 and len(along_s):
+                out[s, c] = interpolate(s, along_s, lambda j: src[j, c])
+            elif C > 1 and len(along_c):
+                out[s, c] = interpolate(c, along_c, lambda j: src[s, j])
+            else:
+                out[s, c] = float(src[obs].mean()) if bool(obs.any()) else 0.0
+
+
 class Inpainting(Operator):
     """Missing entries: ``y = P_Omega(x)``, observed entries are kept exactly.
 
@@ -75,12 +116,24 @@ class Inpainting(Operator):
             raise ValueError(f"start must be one of {', '.join(map(repr, self.STARTS))}, got {start!r}")
         self.observed = observed.expand_as(y)
         self.start = start
+        S, C = y.shape[:2]
+        # planes without any observed entry (a missing frame or Z slice, a dead band); decloud
+        # (start="temporal") leaves a date clouded whole to its temporal fill and the network
+        self.empty_planes = start != "temporal" and bool((self.observed.reshape(S, C, -1).sum(-1) == 0).any())
 
     def prox(self, v, mu):
         return torch.where(self.observed, self.y, v)
 
     def compose(self, x):
-        return torch.where(self.observed, self.y, x)
+        """The observed entries, ``x`` elsewhere; planes without any observed entry are
+        interpolated from their neighbours in ``x`` (:func:`_fill_empty_planes`): the held-out
+        entries, all in planes with data, cannot tell whether the network does better there
+        (on a 12-frame pan with one frame missing it did not: 26.6 dB after 100 iterations, 24.7
+        after 600, against 27.1 for the interpolation)."""
+        out = torch.where(self.observed, self.y, x)
+        if self.empty_planes:
+            _fill_empty_planes(out, self.observed)
+        return out
 
     #: Largest number of missing entries filled with the biharmonic initialisation; beyond
     #: it the faster normalized-convolution fill is used.
@@ -117,6 +170,10 @@ class Inpainting(Operator):
         fills["dct"] = dct_fill(self.y, self.observed, fills["biharmonic"])
         if last == "nonlocal" and nonlocal_applies(self.y.shape):
             fills["nonlocal"] = nonlocal_fill(self.y, self.observed, fills["dct"])
+        if self.empty_planes:  # planes without data: interpolated again from the refined ones
+            for k in ("dct", "nonlocal"):
+                if k in fills:
+                    _fill_empty_planes(fills[k], self.observed)
         return fills
 
     def _spatial_fill(self) -> torch.Tensor:
@@ -143,9 +200,7 @@ class Inpainting(Operator):
                 miss = ~obs[s, c]
                 if miss.any() and (~miss).any():
                     out[s, c] = inpaint_biharmonic(out[s, c], miss)
-        empty = ~obs.reshape(S * C, -1).any(axis=1).reshape(S, C)
-        if empty.any():  # planes with nothing observed: the mean of the observed data
-            out[empty] = y[obs].mean()
+        _fill_empty_planes(out, obs)
         return torch.from_numpy(out.astype(np.float32)).to(self.y.device)
 
     def normalized_convolution_fill(self) -> torch.Tensor:
@@ -177,9 +232,7 @@ class Inpainting(Operator):
             if (filled | ~todo).all() or sigma > 2 * max(y.shape[-2:]):
                 break
             sigma *= 2.0
-        rest = todo & ~filled
-        if rest.any():  # planes with no observed entry at all: the mean of the observed data
-            out[rest] = (y * m).sum() / max(m.sum(), 1.0)
+        _fill_empty_planes(out, m > 0)
         return torch.from_numpy(out.astype(np.float32)).to(self.y.device)
 
     #: Fewest pixels observed at both dates for the gain/offset fit of :meth:`temporal_fill`;
