@@ -107,7 +107,7 @@ def test_imagej_round_trip_keeps_axes_resolution_dtype_and_restores(tmp_path, ca
     err = capsys.readouterr().err
     assert "memory:" in err and "needs about" in err  # the up-front estimate
     assert "s.tif -> " in err and "1 done, 0 skipped, 0 failed" in err  # log line and summary
-    assert any(f", start {k})" in err for k in ("biharmonic", "dct", "nonlocal"))  # the initial fill chosen
+    assert any(f", start {k})" in err for k in ("biharmonic", "dct", "nonlocal", "stack"))  # the initial fill chosen
     assert "s on cpu (float32), returned" in err  # the network's arithmetic (a stack: float32 everywhere)
     with tifffile.TiffFile(tmp_path / "s_ngr.tif") as tif:
         assert tif.is_imagej and tif.series[0].axes == "ZYX"

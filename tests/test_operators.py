@@ -90,6 +90,51 @@ def test_holdout_copies_the_mask_pattern():
     assert torch.equal(held2[:, 0], held2[:, 1]) and torch.equal(held2[:, 0], held2[:, 2])  # whole pixels
 
 
+
+def test_holdout_moves_a_one_plane_defect_to_other_planes():
+    """A large defect of one plane is held out as the same shape in another plane (rolled within
+    its own plane, it would mostly land on itself); defects spread over the planes stay in theirs."""
+    from napari_ngr.operators import Inpainting
+
+    obs = torch.ones((6, 1, 48, 48), dtype=torch.bool)
+    obs[2, :, 4:40, 2:38] = False  # 56 % of plane 2
+    y = torch.rand(obs.shape)
+    for seed in range(3):
+        _, held = Inpainting(y * obs, obs).holdout(0.03, torch.Generator().manual_seed(seed))
+        planes = held.sum(dim=(1, 2, 3))
+        assert not (held & ~obs).any() and int((planes > 0).sum()) == 1 and int(planes[2]) == 0
+        assert 0.02 * obs.sum() <= planes.max() <= 0.25 * obs.sum()  # the fraction, in one other plane
+    even = torch.ones((6, 1, 48, 48), dtype=torch.bool)
+    for s in range(6):
+        even[s, :, 3 * s + 4, :] = False  # one dead row per plane, a different row each
+    _, held = Inpainting(y * even, even).holdout(0.03, torch.Generator().manual_seed(0))
+    rows = held.any(-1)[:, 0]  # (plane, row): held-out rows are a dead row shifted in Y only
+    dy = {(r - (3 * s + 4)) % 48 for s, r in torch.nonzero(rows).tolist()}
+    assert held.any() and len(dy) == 1
+
+
+def test_stack_fill_interpolates_along_the_stack_and_falls_back_within_planes():
+    from napari_ngr.operators import Inpainting
+
+    S = 7
+    ramp = torch.linspace(0.1, 0.9, S).reshape(S, 1, 1, 1) * torch.ones(S, 2, 10, 12)
+    ramp[:, 1] *= 0.5
+    obs = torch.ones(ramp.shape, dtype=torch.bool)
+    obs[1:4, 0, 2:6, 3:9] = False  # three planes in a row: exact on a linear ramp
+    obs[5:, 1] = False  # the end of the stack: a copy of the last observed plane
+    obs[:, :, 8, 10] = False  # a whole pixel, every plane: the fill within the plane
+    op = Inpainting(ramp * obs, obs, start="stack")
+    out = op.initial_estimate()
+    inner = ~obs.clone()
+    inner[:, :, 8, 10] = False
+    torch.testing.assert_close(out[1:4, 0][inner[1:4, 0]], ramp[1:4, 0][inner[1:4, 0]])
+    torch.testing.assert_close(out[5:, 1, :8], ramp[4:5, 1, :8].expand(2, 8, 12))
+    spatial = op.fill("biharmonic")
+    torch.testing.assert_close(out[:, :, 8, 10], spatial[:, :, 8, 10])
+    assert torch.equal(out[obs], ramp[obs])
+    assert set(Inpainting(ramp * obs, obs, start="auto").start_candidates()) == {"biharmonic", "dct", "nonlocal", "stack"}
+    assert "stack" not in Inpainting(ramp[:1] * obs[:1], obs[:1], start="auto").start_candidates()
+
 def test_dctn_cpu_fast_path_matches_torch_path():
     """On the CPU dctn/idctn use scipy's DCT; the torch FFT construction (other devices) agrees."""
     from napari_ngr._dct import dctn, idctn

@@ -134,7 +134,7 @@ def test_run_timelapse_inpainting_end_to_end(make_napari_viewer, qtbot, errors):
     np.testing.assert_allclose(restored.translate, image.translate)
     assert restored.axis_labels == image.axis_labels
     assert restored.metadata["lab"] == "x" and restored.metadata["napari_ngr"]["role"] == "restored"
-    assert restored.metadata["napari_ngr"]["start"] == w.last_result.start in ("biharmonic", "dct", "nonlocal")
+    assert restored.metadata["napari_ngr"]["start"] == w.last_result.start in ("biharmonic", "dct", "nonlocal", "stack")
     assert restored.metadata["napari_ngr"]["precision"] == w.last_result.precision in ("float32", "bfloat16")
     for axis in "tyx":
         g = viewer.layers[f"{name} \u2207{axis}"]

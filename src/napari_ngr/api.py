@@ -156,7 +156,7 @@ class RestorationResult:
         NL-means' share of the returned image, ``(1 - w) NGR + w NL-means``: 0, 0.25, 0.5, 0.75
         or 1, chosen on the held-out entries (0 without ``fallback="nlmeans"``).
     start : str or None
-        For inpainting, the solver's initial fill: ``"biharmonic"``, ``"dct"``, ``"nonlocal"``
+        For inpainting, the solver's initial fill: ``"biharmonic"``, ``"dct"``, ``"nonlocal"``, ``"stack"``
         (see :func:`inpaint`) or ``"temporal"`` (:func:`decloud`); None for denoising.
     precision : str
         The network's arithmetic that was used, ``"float32"`` or ``"bfloat16"`` (the default
@@ -387,8 +387,8 @@ def prepare_inpaint(image, mask, *, channel_axis=None, axes=None, iterations=Non
     """Prepare :func:`inpaint` without running it; see :func:`inpaint` for the parameters."""
     a = _check_image(image, finite=False)  # NaN/inf allowed where the mask marks entries missing
     layout = resolve_layout(a.shape, channel_axis, axes)
-    if start not in ("auto", "nonlocal", "dct", "biharmonic"):
-        raise ValueError(f"start must be 'auto', 'nonlocal', 'dct' or 'biharmonic', got {start!r}")
+    if start not in ("auto", "nonlocal", "dct", "biharmonic", "stack"):
+        raise ValueError(f"start must be 'auto', 'nonlocal', 'dct', 'biharmonic' or 'stack', got {start!r}")
     return _prepare_missing("inpaint", a, layout, _check_mask(mask), iterations=iterations,
                             spatial_weight=spatial_weight, channel_weight=channel_weight, stack_weight=stack_weight,
                             seed=seed, device=device, preview_every=preview_every, options=options, start=start)
@@ -470,16 +470,20 @@ def inpaint(image, mask, *, channel_axis=None, axes=None, iterations=None, spati
         Called with a :class:`~napari_ngr.solver.Progress` record after every iteration.
     return_gradients : bool
         Also return the per-axis gradient maps of the result.
-    start : {"auto", "nonlocal", "dct", "biharmonic"}
+    start : {"auto", "nonlocal", "dct", "biharmonic", "stack"}
         The solver's initial fill: biharmonic interpolation of every plane; that fill refined
         by sparsity in overlapping 8 x 8 block DCTs (``"dct"``,
-        :func:`napari_ngr.operators.dct_fill`); or the DCT fill refined by the low rank of groups
+        :func:`napari_ngr.operators.dct_fill`); the DCT fill refined by the low rank of groups
         of similar 8 x 8 patches (``"nonlocal"``, :func:`napari_ngr.operators.nonlocal_fill`; planes
-        of at least 8 x 8 pixels with at most 16 channels). ``"auto"`` computes all three and
+        of at least 8 x 8 pixels with at most 16 channels); or, on a stack, linear interpolation
+        along Z/T between the nearest observed entries of each pixel (``"stack"``,
+        :meth:`napari_ngr.operators.Inpainting.stack_fill`). ``"auto"`` computes them all and
         leaves biharmonic only for a fill whose error on the held-out entries (see Notes) is at
         least 10 % lower, and lower beyond one standard error (``napari_ngr.solver.START_MARGIN``),
         taking the lowest such; the refined fills gain most on texture, repeated structure and
-        colour, and on entries missing in some channels only.
+        colour, and on entries missing in some channels only; the stack fill on large defects of
+        a few planes of a stack (a bubble in one Z slice, a glitch in one frame). A plane with
+        nothing observed is interpolated from its neighbours in every fill and in the result.
     **options
         Advanced solver options (:class:`~napari_ngr.solver.SolverOptions`), e.g. ``channels``,
         or ``precision``: ``"auto"`` (default) runs the network in bfloat16 for a single image

@@ -916,7 +916,7 @@ def _run_one(item: _Item, args, task, device, rep: _Reporter, prefix: str):
     item.reason = (f"{res.iteration} iterations in {elapsed:.1f} s on {device} ({res.precision}), returned "
                    f"iteration {res.best_iteration} ({res.stop_reason}{extra})")
     warmup = DEFAULTS[task]["options"].get("warmup", 0) if task in MASK_TASKS else 0
-    start = {"temporal": "temporal-fill", "dct": "block-DCT", "nonlocal": "nonlocal-patch"}.get(res.start, "biharmonic")
+    start = {"temporal": "temporal-fill", "dct": "block-DCT", "nonlocal": "nonlocal-patch", "stack": "along-Z/T"}.get(res.start, "biharmonic")
     if warmup and res.iteration <= warmup:
         item.reason += f"; the budget ended within the {warmup}-iteration warm-up: the {start} start was returned"
     elif warmup and res.best_iteration <= warmup:

@@ -98,17 +98,18 @@ class Inpainting(Operator):
         Observation (values at missing entries are ignored).
     observed : bool tensor
         True where ``y`` was observed; broadcastable to ``y``.
-    start : {"biharmonic", "dct", "nonlocal", "auto", "temporal"}
+    start : {"biharmonic", "dct", "nonlocal", "stack", "auto", "temporal"}
         The initial fill (:meth:`initial_estimate`): ``"biharmonic"`` interpolates every plane
         on its own; ``"dct"`` refines that fill by sparsity in overlapping block DCTs
         (:func:`dct_fill`); ``"nonlocal"`` refines the DCT fill by the low rank of groups of similar
-        patches (:func:`nonlocal_fill`); ``"auto"`` offers all three to the solver, which keeps
+        patches (:func:`nonlocal_fill`); ``"stack"`` interpolates along Z/T (:meth:`stack_fill`);
+        ``"auto"`` offers them all (``"stack"`` on stacks only) to the solver, which keeps
         the one with the lowest error on its held-out entries (:meth:`start_candidates`); ``"temporal"``
         (multi-temporal stacks, time = internal dim 0) copies each missing entry from the
         nearest clear date after a per-band gain/offset fit (:meth:`temporal_fill`).
     """
 
-    STARTS = ("biharmonic", "dct", "nonlocal", "auto", "temporal")
+    STARTS = ("biharmonic", "dct", "nonlocal", "stack", "auto", "temporal")
 
     def __init__(self, y: torch.Tensor, observed: torch.Tensor, start: str = "biharmonic"):
         super().__init__(y)
@@ -151,6 +152,8 @@ class Inpainting(Operator):
         or ``"nonlocal"`` (the DCT fill where :func:`nonlocal_fill` does not apply)."""
         if kind == "temporal":
             return self.temporal_fill()
+        if kind == "stack":
+            return self.stack_fill()
         if kind == "biharmonic":
             return self._spatial_fill()
         fills = self._fills(kind)
@@ -163,7 +166,10 @@ class Inpainting(Operator):
         channels), else the one fill."""
         if self.start != "auto":
             return {self.start: self.initial_estimate()}
-        return self._fills("nonlocal")
+        fills = self._fills("nonlocal")
+        if self.y.shape[0] > 1:
+            fills["stack"] = self.stack_fill(fills["biharmonic"])
+        return fills
 
     def _fills(self, last: str) -> dict:
         fills = {"biharmonic": self._spatial_fill()}
@@ -201,6 +207,33 @@ class Inpainting(Operator):
                 if miss.any() and (~miss).any():
                     out[s, c] = inpaint_biharmonic(out[s, c], miss)
         _fill_empty_planes(out, obs)
+        return torch.from_numpy(out.astype(np.float32)).to(self.y.device)
+
+    def stack_fill(self, spatial: torch.Tensor | None = None) -> torch.Tensor:
+        """Interpolation along the stack axis (Z or T, internal dim 0): each missing entry lies
+        linearly between the nearest observed entries of the same pixel and channel in the planes
+        before and after it (a copy of the nearest one at an end of the stack). A lost plane, or a
+        large defect of one plane, is filled from the planes on either side, which a fill within
+        the plane cannot do. Entries observed in no plane at their pixel (whole pixels missing)
+        take ``spatial`` (default: the fill within each plane)."""
+        y = self.y.detach().cpu().numpy().astype(np.float64)
+        obs = self.observed.detach().cpu().numpy()
+        S = y.shape[0]
+        idx = np.arange(S).reshape((S,) + (1,) * (y.ndim - 1))
+        prev = np.maximum.accumulate(np.where(obs, idx, -1), axis=0)
+        nxt = np.minimum.accumulate(np.where(obs, idx, S)[::-1], axis=0)[::-1]
+        y_prev = np.take_along_axis(y, np.clip(prev, 0, S - 1), axis=0)
+        y_next = np.take_along_axis(y, np.clip(nxt, 0, S - 1), axis=0)
+        has_prev, has_next = prev >= 0, nxt < S
+        t = np.where(has_prev & has_next, (idx - prev) / np.maximum(nxt - prev, 1), 0.0)
+        out = np.where(has_prev, y_prev, y_next)
+        out = np.where(has_prev & has_next, (1 - t) * y_prev + t * y_next, out)
+        out = np.where(obs, y, out)
+        lone = ~(has_prev | has_next)
+        if lone.any():
+            if spatial is None:
+                spatial = self._spatial_fill()
+            out = np.where(lone, spatial.detach().cpu().numpy().astype(np.float64), out)
         return torch.from_numpy(out.astype(np.float32)).to(self.y.device)
 
     def normalized_convolution_fill(self) -> torch.Tensor:
@@ -317,7 +350,14 @@ class Inpainting(Operator):
         if float(miss.float().mean()) <= 0.5 and min(H, W) >= 16:
             dy = int(torch.randint(H // 4, max(H // 4 + 1, 3 * H // 4), (1,), generator=generator))
             dx = int(torch.randint(W // 4, max(W // 4 + 1, 3 * W // 4), (1,), generator=generator))
-            cand = obs & torch.roll(miss, (dy, dx), dims=(2, 3))
+            # On a stack whose defects sit in a few planes (the most-missing plane misses more than
+            # twice the mean plane's share), also rolled along Z/T, so that a defect of one plane
+            # is held out in another: rolled within its plane, a large one mostly lands on itself.
+            # Not for decloud: its dates are held out within themselves, as tuned.
+            per_plane = miss.float().mean(dim=(1, 2, 3))
+            uneven = S > 1 and self.start != "temporal" and float(per_plane.max()) > 2 * float(per_plane.mean())
+            ds = int(torch.randint(1, S, (1,), generator=generator)) if uneven else 0
+            cand = obs & torch.roll(miss, (ds, dy, dx), dims=(0, 2, 3))
             tile = max(8, min(H, W) // 4)
             ty, tx = -(-H // tile), -(-W // tile)
             yy = torch.arange(H, device=obs.device) // tile
