@@ -132,8 +132,20 @@ def test_stack_fill_interpolates_along_the_stack_and_falls_back_within_planes():
     spatial = op.fill("biharmonic")
     torch.testing.assert_close(out[:, :, 8, 10], spatial[:, :, 8, 10])
     assert torch.equal(out[obs], ramp[obs])
-    assert set(Inpainting(ramp * obs, obs, start="auto").start_candidates()) == {"biharmonic", "dct", "nonlocal", "stack"}
-    assert "stack" not in Inpainting(ramp[:1] * obs[:1], obs[:1], start="auto").start_candidates()
+    # start="auto" offers it where a plane lost most of itself (and more than twice the mean share)
+    lost = torch.ones(ramp.shape, dtype=torch.bool)
+    lost[3, :, 1:9, 1:10] = False  # 60 % of one plane
+    assert Inpainting(ramp * lost, lost).planes_lost()
+    assert set(Inpainting(ramp * lost, lost, start="auto").start_candidates()) == {"biharmonic", "dct", "nonlocal", "stack"}
+    small = torch.ones(ramp.shape, dtype=torch.bool)
+    small[1:4, 0, 2:6, 3:9] = False  # 10 % of three planes: no plane lost more than half
+    assert not Inpainting(ramp * small, small).planes_lost()
+    assert "stack" not in Inpainting(ramp * small, small, start="auto").start_candidates()
+    every = lost.clone()
+    every[:, :, 1:9, 1:10] = False  # every plane lost as much: the planes beside it lost it too
+    assert not Inpainting(ramp * every, every).planes_lost()
+    split, _ = Inpainting(ramp * lost, lost).holdout(0.03, torch.Generator().manual_seed(0))
+    assert split.planes_lost()  # a split keeps the user's mask's answer
 
 def test_dctn_cpu_fast_path_matches_torch_path():
     """On the CPU dctn/idctn use scipy's DCT; the torch FFT construction (other devices) agrees."""

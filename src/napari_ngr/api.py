@@ -477,7 +477,9 @@ def inpaint(image, mask, *, channel_axis=None, axes=None, iterations=None, spati
         of similar 8 x 8 patches (``"nonlocal"``, :func:`napari_ngr.operators.nonlocal_fill`; planes
         of at least 8 x 8 pixels with at most 16 channels); or, on a stack, linear interpolation
         along Z/T between the nearest observed entries of each pixel (``"stack"``,
-        :meth:`napari_ngr.operators.Inpainting.stack_fill`). ``"auto"`` computes them all and
+        :meth:`napari_ngr.operators.Inpainting.stack_fill`). ``"auto"`` computes them all (the
+        stack fill only where a few planes lost more than half of their entries, whose defects are
+        then held out in other planes: ``Inpainting.planes_lost``) and
         leaves biharmonic only for a fill whose error on the held-out entries (see Notes) is at
         least 10 % lower, and lower beyond one standard error (``napari_ngr.solver.START_MARGIN``),
         taking the lowest such; the refined fills gain most on texture, repeated structure and
