@@ -186,6 +186,7 @@ def test_a_large_defect_of_one_plane_is_filled_from_the_planes_beside_it(stack):
     assert psnr(stack[3], res.image[3], hole) > psnr(stack[3], within, hole) + 3
     assert psnr(stack[3], res.image[3], hole) > psnr(stack[3], linear, hole) - 0.5
 
+
 def test_iterate_cancel_keeps_best_and_previews(gray48):
     missing = np.random.default_rng(0).random(gray48.shape) < 0.5
     img = np.where(missing, 0, gray48)

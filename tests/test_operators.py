@@ -655,3 +655,24 @@ def test_fill_empty_planes_interpolates_along_the_stack_then_the_channels():
     z = np.full((1, 1, 2, 2), 7.0)
     _fill_empty_planes(z, only)  # nothing observed anywhere: zeros, not NaN
     assert np.all(z == 0.0)
+
+
+def test_a_spectrum_interpolates_and_holds_out_along_its_bands():
+    """More than 4 channels are bands: a band that lost most of itself is offered the fill along
+    the bands and held out in another band; a colour image's channels are not."""
+    from napari_ngr.operators import Inpainting
+
+    B = 8
+    ramp = torch.linspace(0.1, 0.8, B).reshape(1, B, 1, 1) * torch.ones(1, B, 40, 40)
+    obs = torch.ones(ramp.shape, dtype=torch.bool)
+    obs[0, 3, 2:36, 4:38] = False  # 72 % of band 3
+    op = Inpainting(ramp * obs, obs, start="auto")
+    assert op.plane_axis() == 1 and op.planes_lost()
+    fills = op.start_candidates()
+    torch.testing.assert_close(fills["stack"], ramp)  # exact between bands 2 and 4 of a linear ramp
+    for seed in range(3):
+        _, held = op.holdout(0.03, torch.Generator().manual_seed(seed))
+        bands = held.sum(dim=(0, 2, 3))
+        assert held.any() and int(bands[3]) == 0 and int((bands > 0).sum()) == 1
+    rgb = Inpainting(ramp[:, :3] * obs[:, :3], obs[:, :3], start="auto")
+    assert rgb.plane_axis() is None and not rgb.planes_lost() and "stack" not in rgb.start_candidates()

@@ -476,7 +476,8 @@ def inpaint(image, mask, *, channel_axis=None, axes=None, iterations=None, spati
         :func:`napari_ngr.operators.dct_fill`); the DCT fill refined by the low rank of groups
         of similar 8 x 8 patches (``"nonlocal"``, :func:`napari_ngr.operators.nonlocal_fill`; planes
         of at least 8 x 8 pixels with at most 16 channels); or, on a stack, linear interpolation
-        along Z/T between the nearest observed entries of each pixel (``"stack"``,
+        along Z/T (on a spectrum of more than 4 bands, along the bands) between the nearest
+        observed entries of each pixel (``"stack"``,
         :meth:`napari_ngr.operators.Inpainting.stack_fill`). ``"auto"`` computes them all (the
         stack fill only where a few planes lost more than half of their entries, whose defects are
         then held out in other planes: ``Inpainting.planes_lost``) and

@@ -102,7 +102,8 @@ class Inpainting(Operator):
         The initial fill (:meth:`initial_estimate`): ``"biharmonic"`` interpolates every plane
         on its own; ``"dct"`` refines that fill by sparsity in overlapping block DCTs
         (:func:`dct_fill`); ``"nonlocal"`` refines the DCT fill by the low rank of groups of similar
-        patches (:func:`nonlocal_fill`); ``"stack"`` interpolates along Z/T (:meth:`stack_fill`);
+        patches (:func:`nonlocal_fill`); ``"stack"`` interpolates along Z/T, or the bands of a
+        spectrum (:meth:`stack_fill`);
         ``"auto"`` offers them all (``"stack"`` where :meth:`planes_lost`) to the solver, which keeps
         the one with the lowest error on its held-out entries (:meth:`start_candidates`); ``"temporal"``
         (multi-temporal stacks, time = internal dim 0) copies each missing entry from the
@@ -176,19 +177,30 @@ class Inpainting(Operator):
     lost_plane_fraction = 0.5
 
     def planes_lost(self) -> bool:
-        """Whether a few planes of a stack lost most of themselves: the most-missing plane (Z
-        slice, frame) misses more than :attr:`lost_plane_fraction` of its entries and more than
-        twice the mean plane's share. Only then does ``start="auto"`` offer :meth:`stack_fill`,
-        and :meth:`holdout` hold the defect's shape out in another plane. From a fill within the
-        plane, a hole over 60-90 % of one plane came out 3-12 dB worse than from the planes beside
+        """Whether a few planes of a stack or a spectrum lost most of themselves: the most-missing
+        plane (a Z slice, frame or band of one channel) misses more than
+        :attr:`lost_plane_fraction` of its entries and more than twice the mean plane's share;
+        never on grey or colour images (:meth:`plane_axis`). Only then does ``start="auto"`` offer
+        :meth:`stack_fill`, and :meth:`holdout` hold the defect's shape out in another plane.
+        From a fill within the plane, a hole over 60-90 % of one plane came out 3-12 dB worse than from the planes beside
         it; where every plane, or no plane, lost that much, the stack fill won the held-out
         comparison of starts but the loop from it ended 0.1-2 dB worse (docs/design.md)."""
         if self._lost is None:  # a held-out split keeps the user's mask's answer (holdout)
-            S = self.y.shape[0]
-            per_plane = (~self.observed).float().mean(dim=(1, 2, 3))
+            per_plane = (~self.observed).float().mean(dim=(2, 3))  # (S, C): every plane of a channel
             top = float(per_plane.max())
-            self._lost = S > 1 and top > self.lost_plane_fraction and top > 2 * float(per_plane.mean())
+            self._lost = (self.plane_axis() is not None and top > self.lost_plane_fraction
+                          and top > 2 * float(per_plane.mean()))
         return self._lost
+
+    #: More channels than this are bands of a spectrum (as ``api.BAND_CHANNELS``): neighbours
+    #: along the channel axis are alike, as Z slices or frames are.
+    spectrum_channels = 4
+
+    def plane_axis(self) -> int | None:
+        """The axis along which neighbouring planes are alike: 0 (Z or T) on a stack, else 1 on a
+        spectrum (more than :attr:`spectrum_channels` bands), else None (grey, RGB)."""
+        S, C = self.y.shape[:2]
+        return 0 if S > 1 else (1 if C > self.spectrum_channels else None)
 
     def _fills(self, last: str) -> dict:
         fills = {"biharmonic": self._spatial_fill()}
@@ -229,14 +241,16 @@ class Inpainting(Operator):
         return torch.from_numpy(out.astype(np.float32)).to(self.y.device)
 
     def stack_fill(self, spatial: torch.Tensor | None = None) -> torch.Tensor:
-        """Interpolation along the stack axis (Z or T, internal dim 0): each missing entry lies
-        linearly between the nearest observed entries of the same pixel and channel in the planes
-        before and after it (a copy of the nearest one at an end of the stack). A lost plane, or a
-        large defect of one plane, is filled from the planes on either side, which a fill within
-        the plane cannot do. Entries observed in no plane at their pixel (whole pixels missing)
-        take ``spatial`` (default: the fill within each plane)."""
+        """Interpolation along the stack axis (Z or T; on a single spectrum, along the bands:
+        :meth:`plane_axis`): each missing entry lies linearly between the nearest observed entries
+        of the same pixel (and channel) in the planes before and after it (a copy of the nearest one
+        at an end). A lost plane, or a large defect of one plane, is filled from the planes on
+        either side, which a fill within the plane cannot do. Entries observed in no plane at their
+        pixel (whole pixels missing) take ``spatial`` (default: the fill within each plane)."""
         y = self.y.detach().cpu().numpy().astype(np.float64)
         obs = self.observed.detach().cpu().numpy()
+        axis = self.plane_axis() or 0
+        y, obs = np.moveaxis(y, axis, 0), np.moveaxis(obs, axis, 0)
         S = y.shape[0]
         idx = np.arange(S).reshape((S,) + (1,) * (y.ndim - 1))
         prev = np.maximum.accumulate(np.where(obs, idx, -1), axis=0)
@@ -252,7 +266,8 @@ class Inpainting(Operator):
         if lone.any():
             if spatial is None:
                 spatial = self._spatial_fill()
-            out = np.where(lone, spatial.detach().cpu().numpy().astype(np.float64), out)
+            out = np.where(lone, np.moveaxis(spatial.detach().cpu().numpy().astype(np.float64), axis, 0), out)
+        out = np.ascontiguousarray(np.moveaxis(out, 0, axis))
         return torch.from_numpy(out.astype(np.float32)).to(self.y.device)
 
     def normalized_convolution_fill(self) -> torch.Tensor:
@@ -359,7 +374,8 @@ class Inpainting(Operator):
         the mask's own pattern: the missing mask is shifted (rolled in Y and X) onto observed
         areas, and kept inside random tiles until the fraction is reached. Dead lines give
         held-out line segments, painted blobs give blobs, scattered pixels give scattered
-        pixels. When most entries are missing (over half), the shifted pattern would empty whole
+        pixels. Where a few planes lost most of themselves (:meth:`planes_lost`), the mask is
+        also rolled along Z/T (or the bands of a spectrum). When most entries are missing (over half), the shifted pattern would empty whole
         regions, so whole pixels (every plane at one Y, X position) are drawn at random instead.
         """
         obs = self.observed
@@ -370,11 +386,14 @@ class Inpainting(Operator):
             dy = int(torch.randint(H // 4, max(H // 4 + 1, 3 * H // 4), (1,), generator=generator))
             dx = int(torch.randint(W // 4, max(W // 4 + 1, 3 * W // 4), (1,), generator=generator))
             # Where a few planes lost most of themselves (:meth:`planes_lost`), also rolled along
-            # Z/T, so that such a defect is held out in another plane: rolled within its own
-            # plane, it mostly lands on itself. Not for decloud (its own split, as tuned).
+            # Z/T (or the bands of a spectrum), so that such a defect is held out in another
+            # plane: rolled within its own plane, it mostly lands on itself. Held out whole and in
+            # place instead of in tiles, it lost 0.4-4.9 dB on 7 of 9 stacks and 12 dB on a
+            # spectrum (docs/design.md). Not for decloud (its own split, as tuned).
             lost = self.start != "temporal" and self.planes_lost()
-            ds = int(torch.randint(1, S, (1,), generator=generator)) if lost else 0
-            cand = obs & torch.roll(miss, (ds, dy, dx), dims=(0, 2, 3))
+            axis = self.plane_axis() if lost else 0
+            ds = int(torch.randint(1, obs.shape[axis], (1,), generator=generator)) if lost else 0
+            cand = obs & torch.roll(miss, (ds, dy, dx), dims=(axis, 2, 3))
             tile = max(8, min(H, W) // 4)
             ty, tx = -(-H // tile), -(-W // tile)
             yy = torch.arange(H, device=obs.device) // tile
