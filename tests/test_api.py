@@ -112,7 +112,6 @@ def test_same_seed_same_output_and_input_unchanged(rgb48):
     np.testing.assert_array_equal(mask, mbefore)
 
 
-
 def test_seed_none_is_reported_and_reproducible_and_global_rng_untouched(gray48):
     noisy = (gray48 + np.random.default_rng(2).normal(0, 0.1, gray48.shape)).astype(np.float32)
     torch.manual_seed(1234)
@@ -151,7 +150,6 @@ def test_stack_with_yx_mask(stack):
     img[:, miss] = 0
     out = napari_ngr.inpaint(img, miss, iterations=20)
     assert psnr(stack[:, miss], out[:, miss]) > psnr(stack[:, miss], img[:, miss]) + 15
-
 
 
 def test_a_missing_slice_or_band_is_interpolated_from_its_neighbours(stack, cube):

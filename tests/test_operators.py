@@ -90,7 +90,6 @@ def test_holdout_copies_the_mask_pattern():
     assert torch.equal(held2[:, 0], held2[:, 1]) and torch.equal(held2[:, 0], held2[:, 2])  # whole pixels
 
 
-
 def test_holdout_moves_a_one_plane_defect_to_other_planes():
     """A large defect of one plane is held out as the same shape in another plane (rolled within
     its own plane, it would mostly land on itself); defects spread over the planes stay in theirs."""
@@ -146,6 +145,7 @@ def test_stack_fill_interpolates_along_the_stack_and_falls_back_within_planes():
     assert not Inpainting(ramp * every, every).planes_lost()
     split, _ = Inpainting(ramp * lost, lost).holdout(0.03, torch.Generator().manual_seed(0))
     assert split.planes_lost()  # a split keeps the user's mask's answer
+
 
 def test_dctn_cpu_fast_path_matches_torch_path():
     """On the CPU dctn/idctn use scipy's DCT; the torch FFT construction (other devices) agrees."""
@@ -613,7 +613,6 @@ def test_low_rank_denoise_flattens_pure_noise_and_leaves_tiny_planes():
     assert float((out - 0.5).std()) < 0.02 and abs(float(out.mean()) - 0.5) < 0.01
     tiny = torch.from_numpy(rng.random((1, 3, 6, 30)).astype(np.float32))
     assert torch.equal(low_rank_denoise(tiny, 0.1), tiny)
-
 
 
 def test_patch_group_filters_run_on_the_cpu_for_devices_without_float64(monkeypatch):

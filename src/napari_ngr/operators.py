@@ -182,9 +182,10 @@ class Inpainting(Operator):
         :attr:`lost_plane_fraction` of its entries and more than twice the mean plane's share;
         never on grey or colour images (:meth:`plane_axis`). Only then does ``start="auto"`` offer
         :meth:`stack_fill`, and :meth:`holdout` hold the defect's shape out in another plane.
-        From a fill within the plane, a hole over 60-90 % of one plane came out 3-12 dB worse than from the planes beside
-        it; where every plane, or no plane, lost that much, the stack fill won the held-out
-        comparison of starts but the loop from it ended 0.1-2 dB worse (docs/design.md)."""
+        From a fill within the plane, a hole over 60-90 % of one plane came out 3-12 dB worse
+        than from the planes beside it; where every plane, or no plane, lost that much, the
+        stack fill won the held-out comparison of starts but the loop from it ended 0.1-2 dB
+        worse (docs/design.md)."""
         if self._lost is None:  # a held-out split keeps the user's mask's answer (holdout)
             per_plane = (~self.observed).float().mean(dim=(2, 3))  # (S, C): every plane of a channel
             top = float(per_plane.max())
@@ -375,8 +376,9 @@ class Inpainting(Operator):
         areas, and kept inside random tiles until the fraction is reached. Dead lines give
         held-out line segments, painted blobs give blobs, scattered pixels give scattered
         pixels. Where a few planes lost most of themselves (:meth:`planes_lost`), the mask is
-        also rolled along Z/T (or the bands of a spectrum). When most entries are missing (over half), the shifted pattern would empty whole
-        regions, so whole pixels (every plane at one Y, X position) are drawn at random instead.
+        also rolled along Z/T (or the bands of a spectrum). When most entries are missing (over
+        half), the shifted pattern would empty whole regions, so whole pixels (every plane at one
+        Y, X position) are drawn at random instead.
         """
         obs = self.observed
         S, C, H, W = obs.shape
