@@ -48,6 +48,28 @@ class Operator:
         return self.y
 
 
+def _interpolate_along(values: np.ndarray, known: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Linear interpolation of ``values`` along ``axis`` from the entries where ``known``
+    (broadcastable to ``values``): each other entry lies between the nearest known entries before
+    and after it on its line (a copy of the nearest one at an end). Returns ``(filled, reached)``,
+    ``reached`` False where the line has no known entry (those keep their value)."""
+    known = np.broadcast_to(known, values.shape)
+    v, k = np.moveaxis(values, axis, 0), np.moveaxis(known, axis, 0)
+    n = v.shape[0]
+    idx = np.arange(n).reshape((n,) + (1,) * (v.ndim - 1))
+    prev = np.maximum.accumulate(np.where(k, idx, -1), axis=0)
+    nxt = np.minimum.accumulate(np.where(k, idx, n)[::-1], axis=0)[::-1]
+    v_prev = np.take_along_axis(v, np.clip(prev, 0, n - 1), axis=0)
+    v_next = np.take_along_axis(v, np.clip(nxt, 0, n - 1), axis=0)
+    has_prev, has_next = prev >= 0, nxt < n
+    both = has_prev & has_next
+    t = np.where(both, (idx - prev) / np.maximum(nxt - prev, 1), 0.0)
+    out = np.where(has_prev, v_prev, np.where(has_next, v_next, v))
+    out = np.where(both, (1 - t) * v_prev + t * v_next, out)
+    out = np.where(k, v, out)
+    return np.moveaxis(out, 0, axis), np.moveaxis(has_prev | has_next, 0, axis)
+
+
 def _fill_empty_planes(out, obs) -> None:
     """Fill, in place, the planes of ``out`` (S, C, H, W; an ndarray or a tensor) where ``obs``
     (its shape, bool) has no observed entry: a missing Z slice or frame, a dead band or channel,
@@ -63,30 +85,27 @@ def _fill_empty_planes(out, obs) -> None:
     has = np.asarray((obs.reshape(S, C, -1).sum(-1) > 0).tolist(), dtype=bool).reshape(S, C)
     if has.all():
         return
-    src = out.copy() if isinstance(out, np.ndarray) else out.clone()  # planes with data only
-
-    def interpolate(k, known, get):
-        below, above = known[known < k], known[known > k]
-        if not len(below):
-            return get(above[0])
-        if not len(above):
-            return get(below[-1])
-        lo, hi = below[-1], above[0]
-        t = float(k - lo) / float(hi - lo)
-        return (1 - t) * get(lo) + t * get(hi)
-
-    for s in range(S):
-        for c in range(C):
-            if has[s, c]:
-                continue
-            along_s = np.flatnonzero(has[:, c])
-            along_c = np.flatnonzero(has[s])
-            if S > 1 and len(along_s):
-                out[s, c] = interpolate(s, along_s, lambda j: src[j, c])
-            elif C > 1 and len(along_c):
-                out[s, c] = interpolate(c, along_c, lambda j: src[s, j])
-            else:
-                out[s, c] = float(src[obs].mean()) if bool(obs.any()) else 0.0
+    is_np = isinstance(out, np.ndarray)
+    src = np.asarray(out if is_np else out.detach().cpu().numpy(), dtype=np.float64)
+    known = has[:, :, None, None]
+    res = src.copy()
+    reached = np.zeros((S, C, 1, 1), bool)
+    if S > 1:
+        res, reached = _interpolate_along(src, known, 0)
+        reached = reached[..., :1, :1]
+    if C > 1:
+        by_c, by_c_reached = _interpolate_along(src, known, 1)
+        res = np.where(reached, res, by_c)
+        reached = reached | by_c_reached[..., :1, :1]
+    if not reached.all():
+        o = obs if is_np else obs.detach().cpu().numpy()
+        res = np.where(reached, res, float(src[o].mean()) if o.any() else 0.0)
+    empty = np.broadcast_to(~known, out.shape)
+    if is_np:
+        out[empty] = res[empty]
+    else:
+        e = torch.from_numpy(np.ascontiguousarray(empty)).to(out.device)
+        out[e] = torch.from_numpy(res).to(out)[e]
 
 
 class Inpainting(Operator):
@@ -250,26 +269,12 @@ class Inpainting(Operator):
         pixel (whole pixels missing) take ``spatial`` (default: the fill within each plane)."""
         y = self.y.detach().cpu().numpy().astype(np.float64)
         obs = self.observed.detach().cpu().numpy()
-        axis = self.plane_axis() or 0
-        y, obs = np.moveaxis(y, axis, 0), np.moveaxis(obs, axis, 0)
-        S = y.shape[0]
-        idx = np.arange(S).reshape((S,) + (1,) * (y.ndim - 1))
-        prev = np.maximum.accumulate(np.where(obs, idx, -1), axis=0)
-        nxt = np.minimum.accumulate(np.where(obs, idx, S)[::-1], axis=0)[::-1]
-        y_prev = np.take_along_axis(y, np.clip(prev, 0, S - 1), axis=0)
-        y_next = np.take_along_axis(y, np.clip(nxt, 0, S - 1), axis=0)
-        has_prev, has_next = prev >= 0, nxt < S
-        t = np.where(has_prev & has_next, (idx - prev) / np.maximum(nxt - prev, 1), 0.0)
-        out = np.where(has_prev, y_prev, y_next)
-        out = np.where(has_prev & has_next, (1 - t) * y_prev + t * y_next, out)
-        out = np.where(obs, y, out)
-        lone = ~(has_prev | has_next)
-        if lone.any():
+        out, reached = _interpolate_along(y, obs, self.plane_axis() or 0)
+        if not reached.all():  # whole pixels missing: the fill within the plane
             if spatial is None:
                 spatial = self._spatial_fill()
-            out = np.where(lone, np.moveaxis(spatial.detach().cpu().numpy().astype(np.float64), axis, 0), out)
-        out = np.ascontiguousarray(np.moveaxis(out, 0, axis))
-        return torch.from_numpy(out.astype(np.float32)).to(self.y.device)
+            out = np.where(reached, out, spatial.detach().cpu().numpy().astype(np.float64))
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(self.y.device)
 
     def normalized_convolution_fill(self) -> torch.Tensor:
         """Normalized-convolution fill: Gaussian-weighted means of the observed entries.
