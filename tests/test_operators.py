@@ -112,6 +112,33 @@ def test_holdout_moves_a_one_plane_defect_to_other_planes():
     assert held.any() and len(dy) == 1
 
 
+def test_holdout_planes_holds_a_large_hole_out_whole_in_another_plane():
+    """For the choice of start, a large hole of one plane is copied whole, at its place, into a
+    plane away from it and from the stack's ends; scattered defects, planes with nothing observed
+    and images without a plane axis keep the tiled split alone (None)."""
+    from napari_ngr.operators import Inpainting
+
+    y = torch.rand((8, 1, 48, 48))
+    obs = torch.ones(y.shape, dtype=torch.bool)
+    obs[5, :, 4:44, 6:46] = False  # 69 % of plane 5
+    obs[:, :, :, 20] = False  # and a dead column everywhere
+    split, held = Inpainting(y * obs, obs).holdout_planes()
+    planes = torch.nonzero(held.sum(dim=(1, 2, 3))).flatten().tolist()
+    assert len(planes) == 1 and planes[0] not in (0, 4, 5, 6, 7)  # away from the hole and the ends
+    p = planes[0]
+    assert torch.equal(held[p, 0], ~obs[5, 0] & obs[p, 0])  # the hole's whole footprint, not tiles
+    assert torch.equal(split.observed, obs & ~held) and split.planes_lost()
+    scattered = torch.ones(y.shape, dtype=torch.bool)
+    scattered[5] = torch.rand((1, 48, 48), generator=torch.Generator().manual_seed(0)) > 0.7  # 70 % pixels
+    empty = torch.ones(y.shape, dtype=torch.bool)
+    empty[5] = False  # a lost plane: every fill interpolates it alike
+    rgb = torch.ones((1, 3, 48, 48), dtype=torch.bool)
+    rgb[..., 4:44, 4:44] = False
+    for o in (scattered, empty, rgb):
+        assert Inpainting(torch.rand(o.shape) * o, o).holdout_planes() is None
+    assert Inpainting(y * obs, obs, start="temporal").holdout_planes() is None
+
+
 def test_stack_fill_interpolates_along_the_stack_and_falls_back_within_planes():
     from napari_ngr.operators import Inpainting
 

@@ -480,7 +480,8 @@ def inpaint(image, mask, *, channel_axis=None, axes=None, iterations=None, spati
         observed entries of each pixel (``"stack"``,
         :meth:`napari_ngr.operators.Inpainting.stack_fill`). ``"auto"`` computes them all (the
         stack fill only where a few planes lost more than half of their entries, whose defects are
-        then held out in other planes: ``Inpainting.planes_lost``) and
+        then held out in other planes: ``Inpainting.planes_lost``; a large hole is held out whole,
+        in one other plane, for this choice: ``Inpainting.holdout_planes``) and
         leaves biharmonic only for a fill whose error on the held-out entries (see Notes) is at
         least 10 % lower, and lower beyond one standard error (``napari_ngr.solver.START_MARGIN``),
         taking the lowest such; the refined fills gain most on texture, repeated structure and

@@ -419,6 +419,51 @@ class Inpainting(Operator):
         held = obs & (draw < fraction)
         return self._split(held), held
 
+    def holdout_planes(self) -> tuple["Inpainting", torch.Tensor] | None:
+        """A second validation split, for the choice of start only, where a few planes lost a
+        large hole (:meth:`planes_lost`, and a missing entry of a lost plane lies farther than
+        half of :meth:`holdout`'s tile from any observed entry of its plane): the mask rolled
+        along the plane axis only, not in Y and X and not cut into tiles, so that the hole is held
+        out whole, at its place, in another plane (as far from the lost plane and from the ends
+        of the stack as the roll allows). The tiles of :meth:`holdout` always have observed
+        entries close by, which a large hole does not: on them the fills within the plane scored
+        well and were chosen where the stack fill was far better (a 12-band cube with 77 % of
+        one band missing: 21.4 dB returned against 57.8 from the stack fill's start). Planes with
+        nothing observed are left out (every fill interpolates them alike). Returns None where
+        no such hole exists, or the copy holds out fewer than 16 entries or more than a quarter
+        of the observed ones."""
+        if self.start == "temporal" or not self.planes_lost():
+            return None
+        from scipy import ndimage
+
+        obs = self.observed
+        S, C, H, W = obs.shape
+        miss = (~obs).cpu().numpy()
+        share = miss.reshape(S, C, -1).mean(-1)
+        empty = share == 1.0
+        tile = max(8, min(H, W) // 4)
+        deep = any(ndimage.distance_transform_edt(miss[s, c]).max() > tile / 2
+                   for s, c in zip(*np.nonzero((share > self.lost_plane_fraction) & ~empty)))
+        if not deep:
+            return None
+        miss[empty] = False
+        axis = self.plane_axis()
+        n = obs.shape[axis]
+        lost = int(np.where(empty, 0.0, share).max(axis=1 - axis).argmax())
+        roll = torch.from_numpy(miss).to(obs.device)
+        counts = {ds: int((obs & torch.roll(roll, ds, dims=axis)).sum()) for ds in range(1, n)}
+        top = max(counts.values())
+
+        def spacing(ds):
+            p = (lost + ds) % n
+            return min(abs(p - lost), p, n - 1 - p)
+
+        ds = max((d for d in counts if counts[d] >= 0.8 * top), key=lambda d: (spacing(d), -d))
+        held = obs & torch.roll(roll, ds, dims=axis)
+        if not 16 <= int(held.sum()) <= 0.25 * int(obs.sum()):
+            return None
+        return self._split(held), held
+
     def _split(self, held: torch.Tensor) -> "Inpainting":
         split = Inpainting(self.y, self.observed & ~held, start=self.start)
         split._lost = self.planes_lost()  # the user's mask decides, not the split

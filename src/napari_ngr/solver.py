@@ -331,14 +331,23 @@ class Restoration:
         #: Inpainting: the initial fill used and each candidate's mean squared error on the held-out
         #: entries. ``start="auto"``: the first candidate (biharmonic) unless another one has an error
         #: at least START_MARGIN (10 %) lower, and lower by more than one standard error of the paired
-        #: difference; the first one where nothing is held out.
+        #: difference; the first one where nothing is held out. Where a few planes lost a large hole
+        #: (``Inpainting.holdout_planes``), the errors are those of the fills of a second split, which
+        #: holds a copy of the hole out whole in another plane.
         self.start_name, self.start_errors = None, {}
         if isinstance(self.operator, Inpainting):
             cands = self.operator.start_candidates()
             name = next(iter(cands))
             if len(cands) > 1 and self.held is not None:
-                y_held = self.full_operator.y[self.held]
-                sq = {k: (v.to(self.device)[self.held] - y_held) ** 2 for k, v in cands.items()}
+                # a large hole in a few planes: its copy, held out whole in another plane, chooses
+                by_plane = operator.holdout_planes()
+                if by_plane is not None:
+                    split, held = by_plane
+                    scored, y_held = split.start_candidates(), operator.y[held]
+                else:
+                    scored, held, y_held = cands, self.held, self.full_operator.y[self.held]
+                sq = {k: (v.to(self.device)[held.to(self.device)] - y_held.to(self.device)) ** 2
+                      for k, v in scored.items()}
                 self.start_errors = {k: float(e.mean()) for k, e in sq.items()}
                 best = name
                 for k, e in sq.items():
