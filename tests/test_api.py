@@ -330,6 +330,71 @@ def test_bad_sigma_and_weight():
         napari_ngr.denoise(img, sigma=0.1, iterationz=3)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sigma="0.1"), "sigma must be a positive number"),
+        (dict(sigma=True), "sigma must be a positive number"),
+        (dict(sigma=1e4), "give it in the image's units"),  # was a flat image shifted off its mean
+        (dict(spatial_weight=0), "every gradient weight is 0"),  # was a ZeroDivisionError
+        (dict(spatial_weight="1"), "weight of axis 'y'"),
+        (dict(data_weight=0), "data_weight"),  # was an image of NaN
+        (dict(data_weight=-1.0), "data_weight"),
+        (dict(data_weight=float("nan")), "data_weight"),
+        (dict(iterations=True), "iterations"),
+        (dict(iterations=2.5), "iterations"),
+        (dict(holdout=2), "option holdout"),  # was an IndexError
+        (dict(channels=0), "option channels"),  # was a RuntimeError of torch
+        (dict(mu=-1), "option mu"),
+        (dict(final_weight=0), "option final_weight"),
+    ],
+)
+def test_bad_denoise_arguments_are_clear_errors(kwargs, match):
+    img = np.random.default_rng(0).random((16, 16))
+    args = dict(sigma=0.1, iterations=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        napari_ngr.denoise(img, **args)
+
+
+def test_inpaint_argument_and_range_errors():
+    img = np.random.default_rng(0).random((16, 16))
+    mask = np.zeros((16, 16), bool)
+    mask[4:8, 4:8] = True
+    with pytest.raises(ValueError, match="real numeric array"):
+        napari_ngr.inpaint(img, mask.astype(str), iterations=2)
+    with pytest.raises(ValueError, match="start='stack'"):  # was the biharmonic fill, reported as "stack"
+        napari_ngr.inpaint(img, mask, iterations=2, start="stack")
+    with pytest.raises(ValueError, match="beyond float32's range"):  # was an IndexError deep inside
+        napari_ngr.inpaint(img * 1e300, mask, iterations=2)
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        napari_ngr.denoise(img * 1e300, sigma=1e299, iterations=2)
+
+
+def test_int32_results_stay_within_the_dtype():
+    """float32 rounds 2**31 - 1 up to 2**31, which ``astype(np.int32)`` wraps to -2**31."""
+    rng = np.random.default_rng(0)
+    info = np.iinfo(np.int32)
+    img = rng.integers(info.max - 1000, info.max, (24, 24), dtype=np.int64).astype(np.int32)
+    img[:4] = info.max
+    mask = np.zeros(img.shape, bool)
+    mask[10:14, 10:14] = True
+    out = napari_ngr.inpaint(img, mask, iterations=3)
+    assert out.dtype == np.float32 and float(out.max()) <= info.max
+    assert out.astype(np.int32).min() > 0 and (out[:4] >= info.max - 128).all()
+
+
+def test_iterating_to_the_end_after_a_cancel_is_not_cancelled(gray48):
+    job = napari_ngr.prepare_denoise(gray48, sigma=0.1, iterations=6)
+    for rec in job.iterate():
+        if rec.iteration == 2:
+            break
+    assert job.result().stop_reason == "cancelled"
+    for _ in job.iterate():
+        pass
+    assert job.result().stop_reason != "cancelled"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match="CUDA is not available"):

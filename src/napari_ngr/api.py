@@ -202,6 +202,12 @@ def _check_image(image, finite: bool = True) -> np.ndarray:
     if finite and np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
         raise ValueError("image contains NaN or inf values; replace them first (inpaint accepts them "
                          "where the mask marks entries missing)")
+    if np.issubdtype(a.dtype, np.floating) and a.dtype.itemsize > 4:
+        big = np.abs(a[np.isfinite(a)] if not finite else a, dtype=np.float64)
+        top = float(big.max(initial=0.0))
+        if top > float(np.finfo(np.float32).max):
+            raise ValueError(f"image has values up to {top:.3g}, beyond float32's range (3.4e38), in which "
+                             "the result is returned; rescale it first")
     return a
 
 
@@ -228,10 +234,20 @@ class _Scaler:
         out = t.astype(np.float32) * np.float32(self.scale)
         if offset:
             out += np.float32(self.lo)
-            if np.issubdtype(self.dtype, np.integer):
-                info = np.iinfo(self.dtype)
-                np.clip(out, info.min, info.max, out=out)
+            _clip_to_dtype(out, self.dtype)
         return out
+
+
+def _clip_to_dtype(out: np.ndarray, dtype) -> np.ndarray:
+    """Clip the float32 array ``out`` in place to an integer ``dtype``'s range, as float32 holds it:
+    float32(2**31 - 1) is 2**31, which ``astype(np.int32)`` would wrap to -2**31."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        lo, hi = np.float32(info.min), np.float32(info.max)
+        if int(hi) > info.max:
+            hi = np.nextafter(hi, np.float32(-np.inf))
+        np.clip(out, lo, hi, out=out)
+    return out
 
 
 class RestorationJob:
@@ -287,6 +303,7 @@ class RestorationJob:
             for rec in self._r.iterate():
                 yield rec
             finished = True
+            self._cancelled = False  # iterated again to the end after a cancel: not cancelled
         finally:
             if not finished:
                 self._cancelled = True
@@ -304,7 +321,8 @@ class RestorationJob:
             est = r.estimate()
             image = self._to_user(est)
             if self.keep is not None:  # exactly the input's values (no round trip through [0, 1])
-                image = np.where(self.keep[0], self.keep[1], image).astype(np.float32)
+                image = _clip_to_dtype(np.where(self.keep[0], self.keep[1], image).astype(np.float32),
+                                       self.keep[1].dtype)
             grads = {k: self._to_user(v, offset=False) for k, v in r.gradients(est).items()}
         reason = "cancelled" if self._cancelled else r.state.stop_reason
         alpha = r.nlmeans_weight()
@@ -322,7 +340,7 @@ def _axes_weights(layout: Layout, spatial_weight, channel_weight, stack_weight) 
     out = {}
     for name, dim in layout.axis_names().items():
         w = {"y": spatial_weight, "x": spatial_weight, "c": channel_weight}.get(name, stack_weight)
-        if w is None or not np.isfinite(w) or w < 0:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not np.isfinite(w) or w < 0:
             raise ValueError(f"the weight of axis {name!r} must be a finite number >= 0, got {w!r}")
         out[name] = (dim, float(w))
     return out
@@ -341,7 +359,7 @@ def _options(task: str, iterations, seed, extra: dict, planar: bool = False, ban
         raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
     opts.update(extra)
     it = d["iterations"] if iterations is None else iterations
-    if int(it) != it or it < 1:
+    if isinstance(it, bool) or not isinstance(it, numbers.Real) or not np.isfinite(it) or int(it) != it or it < 1:
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
     opts["iterations"] = int(it)
     if seed is None:  # fresh entropy, as numpy's default_rng(None); RestorationResult.seed reports it
@@ -351,6 +369,10 @@ def _options(task: str, iterations, seed, extra: dict, planar: bool = False, ban
     opts["seed"] = int(seed)
     return SolverOptions(**opts)
 
+
+#: Largest noise level :func:`denoise` accepts, in units of the image's intensity range: a larger
+#: ``sigma`` is almost surely given in other units (and would flatten the image to its mean).
+MAX_SIGMA = 4.0
 
 #: Above this many channels, the channel axis is a spectrum and gets ``band_weight`` by default.
 BAND_CHANNELS = 4
@@ -396,8 +418,8 @@ def prepare_inpaint(image, mask, *, channel_axis=None, axes=None, iterations=Non
 
 def _check_mask(mask, name: str = "mask") -> np.ndarray:
     m = np.asarray(mask)
-    if m.dtype == object:
-        raise ValueError(f"{name} must be a boolean or numeric array")
+    if not (m.dtype == bool or np.issubdtype(m.dtype, np.integer) or np.issubdtype(m.dtype, np.floating)):
+        raise ValueError(f"{name} must be a boolean or real numeric array (nonzero = missing), got dtype {m.dtype}")
     return m
 
 
@@ -421,6 +443,9 @@ def _prepare_missing(task, a, layout, m, *, iterations, spatial_weight, channel_
     y = np.where(missing, 0.0, scaler.forward(internal)).astype(np.float32)
     S, C, H, W = layout.internal_shape
     planar = task == "inpaint" and S == 1 and C <= BAND_CHANNELS  # decloud always has dates
+    if start == "stack" and planar:
+        raise ValueError(f"start='stack' interpolates along Z/T or the bands of a spectrum (more than "
+                         f"{BAND_CHANNELS} channels); this image has neither (axes {layout.axes})")
     opt = _options(task, iterations, seed, options, planar=planar)
     if planar and "start_deadline" not in options:
         # The iteration at which an iterate first beats the start grows with the plane's pixels
@@ -499,15 +524,19 @@ def inpaint(image, mask, *, channel_axis=None, axes=None, iterations=None, spati
     -------
     restored : ndarray of float32
         The input's shape, in the input's intensity units (integer inputs are clipped to their
-        dtype's range). Observed entries are returned unchanged.
+        dtype's range). Observed entries are returned unchanged (as float32 holds them: integers
+        above 2**24 and float64 values are rounded to float32; the command line writes the
+        input's own values there).
     gradients : dict of str to ndarray
         Only with ``return_gradients=True``: ``{"y": ..., "x": ..., ["c"|"z"|"t"]: ...}``.
 
     Raises
     ------
     ValueError
-        For NaN/inf in the image, a mask that does not broadcast, an empty or all-missing mask,
-        a bad ``channel_axis``, 1-D or empty input, or an unavailable device.
+        For NaN/inf in the image (or values beyond float32's range), a mask that does not
+        broadcast or is not numeric, an empty or all-missing mask, a bad ``channel_axis``, 1-D or
+        empty input, ``start="stack"`` without a stack or spectrum, an unavailable device, or an
+        argument or advanced option that is not a number in its range.
 
     Notes
     -----
@@ -688,9 +717,17 @@ def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="g
     scaler = _Scaler(smooth, None)
     scaler.dtype = a.dtype
     y = np.ascontiguousarray(scaler.forward(internal), dtype=np.float32)
-    if sigma is not None and (not np.isfinite(sigma) or sigma <= 0):
+    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real)
+                              or not np.isfinite(sigma) or sigma <= 0):
         raise ValueError(f"sigma must be a positive number (input units) or None, got {sigma!r}")
     s = None if sigma is None else max(float(sigma) / scaler.scale, 1e-3)
+    if s is not None and s > MAX_SIGMA:
+        raise ValueError(f"sigma={sigma!r} is more than {MAX_SIGMA:g} times the image's intensity range "
+                         f"({scaler.scale:.4g}): give it in the image's units (e.g. 25 for uint8 data, "
+                         "0.1 for data in [0, 1]), or None to estimate it")
+    if data_weight is not None and (isinstance(data_weight, bool) or not isinstance(data_weight, numbers.Real)
+                                    or not np.isfinite(data_weight) or data_weight <= 0):
+        raise ValueError(f"data_weight must be a positive number, got {data_weight!r}")
     S, C = layout.internal_shape[:2]
     planar = noise == "gaussian" and S == 1 and C <= BAND_CHANNELS
     if iterations is None and noise == "mixed":
@@ -700,6 +737,9 @@ def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="g
     opt = _options("denoise", iterations, seed, options, planar=planar, bands=C > BAND_CHANNELS)
     weights = _axes_weights(layout, *_weights_or_default("denoise", spatial_weight, channel_weight, stack_weight,
                                                          layout.internal_shape[1]))
+    if not any(w > 0 for _, w in weights.values()):
+        raise ValueError("every gradient weight is 0: denoising needs a positive weight on at least one "
+                         f"axis ({', '.join(weights)}); with none the result would be the input")
     dw = DEFAULTS["denoise"]["options"]["data_weight"] if data_weight is None else float(data_weight)
     yt = torch.from_numpy(y).to(dev)
     if noise == "gaussian":
@@ -729,7 +769,8 @@ def denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="gaussian"
         :func:`~napari_ngr.operators.noise_rms`, the wavelet-domain MAD of
         :func:`skimage.restoration.estimate_sigma` taken in intensity bins, so that shot noise is
         measured at its RMS level; for ``noise="mixed"`` one level per plane (band, channel,
-        frame) by ``estimate_sigma``, after impulses are set aside.
+        frame) by ``estimate_sigma``, after impulses are set aside. A value above ``MAX_SIGMA``
+        (4) times the image's intensity range is refused as given in other units.
     noise : {"gaussian", "mixed"}
         ``"gaussian"``: additive white Gaussian noise. ``"mixed"``: Gaussian noise (its own level in
         every plane) plus sparse and structured noise, as in hyperspectral and push-broom data
@@ -757,6 +798,14 @@ def denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="gaussian"
         The input's shape and units.
     gradients : dict of str to ndarray
         Only with ``return_gradients=True``.
+
+    Raises
+    ------
+    ValueError
+        As :func:`inpaint` for the image, the layout and the device; for a ``sigma`` that is not a
+        positive number or far beyond the image's range, every gradient weight 0 (nothing would be
+        removed), a ``data_weight`` that is not positive, or an advanced option out of range
+        (:class:`~napari_ngr.solver.SolverOptions`).
 
     Notes
     -----

@@ -178,6 +178,35 @@ class SolverOptions:
     precision: str = "auto"
     seed: int = 0
 
+    def __post_init__(self):
+        """Clear errors for numbers out of range (strings are checked where they are used)."""
+        checks = {  # name: (integer?, lowest, highest, lowest included)
+            "mu": (False, 0.0, math.inf, False), "lr": (False, 0.0, math.inf, False),
+            "channels": (True, 1, math.inf, True), "levels": (True, 0, 8, True),
+            "skip_channels": (True, 1, math.inf, True), "input_channels": (True, 1, math.inf, True),
+            "input_noise": (False, 0.0, math.inf, True), "guide": (False, 0.0, math.inf, True),
+            "guide_refresh": (True, 0, math.inf, True), "warmup": (True, 0, math.inf, True),
+            "weight_decay": (False, 0.0, math.inf, True), "holdout": (False, 0.0, 0.5, True),
+            "check_every": (True, 1, math.inf, True), "patience": (True, 1, math.inf, True),
+            "patience_tol": (False, 0.0, 1.0, True), "ema": (False, 0.0, 1.0, True),
+            "tol": (False, 0.0, math.inf, True), "discrepancy": (False, 0.0, math.inf, True),
+            "min_iterations": (True, 0, math.inf, True), "start_margin": (False, 0.0, 1.0, True),
+            "start_deadline": (False, 0.0, 1.0, True),
+        }
+        for name, (integer, lo, hi, closed) in checks.items():
+            v = getattr(self, name)
+            kind = numbers.Integral if integer else numbers.Real
+            ok = (isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v) and v <= hi
+                  and (v >= lo if closed else v > lo))
+            if not ok:
+                what = "an integer" if integer else "a number"
+                rng = f"{'>=' if closed else '>'} {lo}" + (f" and <= {hi}" if hi != math.inf else "")
+                raise ValueError(f"option {name} must be {what} {rng}, got {v!r}")
+        if self.final_weight != "auto" and (isinstance(self.final_weight, bool)
+                                            or not isinstance(self.final_weight, numbers.Real)
+                                            or not math.isfinite(self.final_weight) or self.final_weight <= 0):
+            raise ValueError(f"option final_weight must be 'auto' or a number > 0, got {self.final_weight!r}")
+
 
 @dataclass
 class Progress:
