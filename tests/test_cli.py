@@ -203,6 +203,55 @@ def test_convert_dtype_rounds_half_to_even_and_clips():
     assert cli.convert_dtype(x, np.float64).dtype == np.float64
 
 
+def test_convert_dtype_saturates_64_bit_integers_without_wrapping():
+    """float64(iinfo.max) of int64/uint64 rounds up to 2**63 / 2**64: clipped to it, the cast wrapped around."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value encountered in cast"
+        for dt in (np.int64, np.uint64, np.int32, np.uint32):
+            info = np.iinfo(dt)
+            x = np.array([float(info.max), float(info.max) * 4, float(info.min), -1e30, 7.5])
+            for src in (x, x.astype(np.float32)):
+                out = cli.convert_dtype(src, dt)
+                assert out.dtype == dt
+                assert out.tolist() == [info.max, info.max, info.min, info.min, 8], (dt, src.dtype)
+        np.testing.assert_array_equal(cli.convert_dtype(np.array([1e5, -1e5, 1.5], np.float32), np.float16),
+                                      np.array([65504, -65504, 1.5], np.float16))  # not inf
+
+
+def test_observed_entries_are_written_back_exactly_beyond_24_bits(tmp_path):
+    """int32 above 2**24 and float64 do not survive float32: observed (inpaint) and clear (decloud)
+    entries are copied from the input, the filled ones are converted."""
+    y, x = np.mgrid[:16, :16]
+    i32 = (20_000_001 + 1000 * np.sin(y / 3) * np.cos(x / 4)).astype(np.int32)
+    i32[0, 0] = 2**24 + 1
+    f64 = 1.0 + np.sin(y / 3) * np.cos(x / 4) / 3 + 1e-12 * x  # bits float32 does not hold
+    m = bar_mask((16, 16))
+    tifffile.imwrite(tmp_path / "i.tif", i32)
+    tifffile.imwrite(tmp_path / "i_mask.tif", m)
+    np.save(tmp_path / "f.npy", f64)
+    np.save(tmp_path / "f_mask.npy", m)
+    series = np.stack([i32, i32 + 7, i32 - 5])  # (T, Y, X) int32
+    clouds = np.zeros(series.shape, np.uint8)
+    clouds[1, 3:7, 4:9] = 1
+    np.save(tmp_path / "s.npy", series)
+    np.save(tmp_path / "clouds.npy", clouds)
+    assert main(["inpaint", str(tmp_path / "i.tif"), str(tmp_path / "f.npy"), "-q", "--iterations", "3"]) == 0
+    assert main(["decloud", str(tmp_path / "s.npy"), "--mask", str(tmp_path / "clouds.npy"), "-q",
+                 "--iterations", "3"]) == 0
+    for out, ref, missing in ((tifffile.imread(tmp_path / "i_ngr.tif"), i32, m != 0),
+                              (np.load(tmp_path / "f_ngr.npy"), f64, m != 0),
+                              (np.load(tmp_path / "s_ngr.npy"), series, clouds != 0)):
+        assert out.dtype == ref.dtype
+        np.testing.assert_array_equal(out[~missing], ref[~missing])  # bit for bit
+        assert np.all(np.isfinite(out.astype(np.float64)))
+    assert main(["inpaint", str(tmp_path / "i.tif"), "-o", str(tmp_path / "i32f.tif"), "--dtype", "float32", "-q",
+                 "--iterations", "3"]) == 0  # float32 asked for: float32 of the input
+    out = tifffile.imread(tmp_path / "i32f.tif")
+    np.testing.assert_array_equal(out[m == 0], i32[m == 0].astype(np.float32))
+
+
 # ------------------------------------------------------------------ existing outputs, resume
 def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, camera, capsys):
     tifffile.imwrite(tmp_path / "c.tif", camera)
@@ -358,6 +407,41 @@ def test_one_mask_for_all(tmp_path, camera):
     assert listing(tmp_path / "o") == ["p_ngr.tif", "q_ngr.tif"]
 
 
+def test_no_output_is_ever_an_input_or_a_mask_even_with_overwrite(tmp_path, camera, capsys):
+    small = camera[:24, :24].copy()
+    m = bar_mask(small.shape)
+    tifffile.imwrite(tmp_path / "img.tif", small)
+    tifffile.imwrite(tmp_path / "img_mask.tif", m)  # paired automatically
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    # -o names the mask that find_mask pairs with the input: refused up front
+    assert main(["inpaint", str(tmp_path / "img.tif"), "-o", str(tmp_path / "img_mask.tif"), "--overwrite",
+                 "-q", *IT]) == 2
+    assert "never overwritten" in capsys.readouterr().err
+    # a mask suffix equal to the output suffix: NAME_ngr.tif is the mask and the output
+    (tmp_path / "b").mkdir()
+    tifffile.imwrite(tmp_path / "b" / "img.tif", small)
+    tifffile.imwrite(tmp_path / "b" / "img_ngr.tif", m)
+    files.update({f"b/{p.name}": p.read_bytes() for p in (tmp_path / "b").iterdir()})
+    assert main(["inpaint", str(tmp_path / "b"), "--mask-suffix", "_ngr", "--overwrite", "-q", *IT]) == 1
+    assert "img_ngr.tif is the mask of img.tif; it is never overwritten" in capsys.readouterr().err
+    # gradient outputs too: one that is the --mask (with -o: a usage error) ...
+    np.save(tmp_path / "o_grad-x.npy", m)
+    files["o_grad-x.npy"] = (tmp_path / "o_grad-x.npy").read_bytes()
+    assert main(["inpaint", str(tmp_path / "img.tif"), "--mask", str(tmp_path / "o_grad-x.npy"), "-o",
+                 str(tmp_path / "o.npy"), "--gradients", "--overwrite", "-q", *IT]) == 2
+    assert "gradient file" in capsys.readouterr().err
+    # ... or an input, in a batch (the other file is restored)
+    tifffile.imwrite(tmp_path / "img_ngr_grad-y.tif", small)
+    files["img_ngr_grad-y.tif"] = (tmp_path / "img_ngr_grad-y.tif").read_bytes()
+    assert main(["denoise", str(tmp_path / "img.tif"), str(tmp_path / "img_ngr_grad-y.tif"), "--gradients",
+                 "--overwrite", "--sigma", "5", "-q", "--iterations", "3"]) == 1
+    assert "gradient output" in capsys.readouterr().err and (tmp_path / "img_ngr_grad-y_ngr.tif").exists()
+    for name, content in files.items():
+        assert (tmp_path / name).read_bytes() == content, name
+    assert not (tmp_path / "img_ngr.tif").exists() and not (tmp_path / "o.npy").exists()
+    assert not [p for p in tmp_path.rglob(".*")]  # no hidden .partial file anywhere
+
+
 def test_expand_inputs_folders_globs_and_duplicates(tmp_path):
     for name in ("a.tif", "b.TIFF", "c.npy", "c_mask.npy", "a_ngr.tif", "a_ngr_grad-y.tif", ".a_ngr.partial-1.tif",
                  "notes.txt", "z.ome.tif"):
@@ -398,6 +482,51 @@ def test_usage_errors_exit_2(tmp_path, camera, capsys):
     assert main([]) == 2
     capsys.readouterr()
     assert listing(tmp_path) == ["a.tif", "b.tif"]
+
+
+def test_axes_and_channel_or_time_axis_must_agree(tmp_path, rgb, capsys):
+    np.save(tmp_path / "r.npy", rgb)
+    r = str(tmp_path / "r.npy")
+    assert main(["denoise", r, "--axes", "YXC", "--channel-axis", "0", "-q"]) == 2
+    assert "--channel-axis 0 disagrees with --axes YXC" in capsys.readouterr().err
+    assert main(["denoise", r, "--axes", "YXC", "--channel-axis", "3", "-q"]) == 2
+    assert main(["decloud", r, "--axes", "TYX", "--time-axis", "1", "-q"]) == 2
+    assert "--time-axis 1 disagrees with --axes TYX" in capsys.readouterr().err
+    assert main(["decloud", r, "--axes", "TYX", "--channel-axis", "0", "-q"]) == 2
+    assert listing(tmp_path) == ["r.npy"]
+    assert main(["denoise", r, "--axes", "YXC", "--channel-axis", "-1", "--sigma", "8", "-q",
+                 "--iterations", "3"]) == 0  # they agree
+    assert np.load(tmp_path / "r_ngr.npy").shape == rgb.shape
+
+
+def test_unwritable_output_folder_is_one_usage_error_up_front(tmp_path, camera, capsys):
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp_path / f"{name}.tif", camera)
+    (tmp_path / "file").write_bytes(b"")
+    bad = tmp_path / "file" / "sub"  # under a file: cannot be created
+    assert main(["denoise", str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), "--output-dir", str(bad), *IT]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error") == 1 and f"--output-dir {bad}" in err and "FAILED" not in err
+    assert main(["denoise", str(tmp_path / "a.tif"), "-o", str(bad / "a.tif"), *IT]) == 2
+    assert "cannot create the folder" in capsys.readouterr().err
+    assert listing(tmp_path) == ["a.tif", "b.tif", "file"]
+
+
+def test_device_names_are_case_insensitive(tmp_path, camera):
+    np.save(tmp_path / "c.npy", camera[:24, :24])
+    assert main(["denoise", str(tmp_path / "c.npy"), "--device", "CPU", "--sigma", "5", "-q",
+                 "--iterations", "2"]) == 0
+    assert (tmp_path / "c_ngr.npy").exists()
+
+
+def test_corrupt_tiff_gives_one_message_and_no_tifffile_log(tmp_path, caplog, capsys):
+    (tmp_path / "bad.tif").write_bytes(b"II*\0garbage")  # a TIFF header, then nonsense
+    with caplog.at_level("DEBUG"):
+        assert main(["denoise", str(tmp_path / "bad.tif"), "-q", *IT]) == 1
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]
+    err = capsys.readouterr().err
+    assert "bad.tif: cannot read bad.tif:" in err and "invalid offset" in err and "<tifffile" not in err
+    assert listing(tmp_path) == ["bad.tif"]
 
 
 # ----------------------------------------------------------------------------- quality

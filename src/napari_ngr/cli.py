@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import glob
+import logging
 import math
 import os
+import re
 import secrets
 import signal
 import sys
@@ -48,6 +50,8 @@ outputs:
                     input when --output-dir is not given. EXT is the input's extension.
   --gradients       also NAME_ngr_grad-y.EXT, NAME_ngr_grad-x.EXT and one per other
                     regularized axis (_grad-c, _grad-z or _grad-t), always float32.
+  No output (image or gradient) is ever an input or a mask (given or paired), whatever
+  --overwrite says: such a file fails (with -o: a usage error).
   Metadata: ImageJ TIFFs are written as ImageJ (axes, resolution, unit, spacing,
   finterval, labels, ranges, ...); OME-TIFFs as OME (axes, PhysicalSizeX/Y/Z and units,
   TimeIncrement, channel names); other TIFFs keep axes and resolution. .npy carries no
@@ -66,7 +70,8 @@ axes (first that applies):
 dtype:
   --dtype input     (default) the input's dtype. Integer types: the restored values are
                     rounded half to even (numpy.rint) and clipped to the dtype's range
-                    (e.g. 0..65535 for uint16). Float types: a plain cast.
+                    (e.g. 0..65535 for uint16). Float types: a plain cast. Observed
+                    (inpaint) and clear (decloud) entries are the input's own values.
   --dtype float32   the restored float32 values, unrounded (ImageJ reads float32).
 
 existing outputs, resuming, nothing lost:
@@ -179,6 +184,10 @@ def _axes_arg(text):
     return t
 
 
+def _device_arg(text):
+    return str(text).strip().lower()  # CPU, Cuda:1, MPS: device names are case-insensitive
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     def __init__(self, prog):
         super().__init__(prog, max_help_position=30, width=100)
@@ -241,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         sol.add_argument("--stack-weight", type=_float_ge0, metavar="W",
                          help=f"weight of the Z/T gradient (default {d['stack_weight']})")
         sol.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
-        sol.add_argument("--device", default="auto",
+        sol.add_argument("--device", default="auto", type=_device_arg,
                          help="auto (CUDA, then MPS, then CPU; default), cpu, cuda, cuda:1, mps")
         sol.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                          help="the network's arithmetic (default auto: bfloat16 for a single image on a CPU "
@@ -485,6 +494,40 @@ _IJ_STRUCTURAL = {"ImageJ", "images", "channels", "slices", "frames", "hyperstac
 _IJ_SPECIAL = {"Info", "Labels", "Ranges", "LUTs", "Properties", "ROI", "Overlays", "Plot"}
 
 
+class _TiffLog(logging.Handler):
+    """Collects tifffile's log records (e.g. "invalid offset to first page") while a file is read, so
+    that they do not reach stderr on their own: a read that fails says them in its one error message."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        try:
+            msg = record.getMessage()
+        except Exception:
+            msg = str(record.msg)
+        msg = re.sub(r"^<tifffile\.\w+[^>]*>\s*", "", msg).strip()  # "<tifffile.TiffPages @8> ..."
+        if msg and msg not in self.messages:
+            self.messages.append(msg)
+
+    def __enter__(self):
+        self.logger = logging.getLogger("tifffile")
+        self.propagate = self.logger.propagate
+        self.logger.addHandler(self)
+        self.logger.propagate = False
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        self.logger.removeHandler(self)
+        self.logger.propagate = self.propagate
+        if isinstance(exc, Exception) and not isinstance(exc, MemoryError) and self.messages:
+            note = "; ".join(self.messages)
+            if note not in str(exc):
+                raise ValueError(f"{_describe(exc)} ({note})") from None
+        return False
+
+
 def read_header(path) -> ImageInfo:
     """Shape, dtype, axes and metadata of an image file, without reading its pixels."""
     path = Path(path)
@@ -493,6 +536,11 @@ def read_header(path) -> ImageInfo:
     if not _is_tiff(path):
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
         return ImageInfo(path, tuple(arr.shape), arr.dtype, "npy")
+    with _TiffLog():
+        return _read_tiff_header(path)
+
+
+def _read_tiff_header(path: Path) -> ImageInfo:
     import tifffile
 
     with tifffile.TiffFile(path) as tf:
@@ -527,7 +575,7 @@ def read_pixels(info: ImageInfo) -> np.ndarray:
         return np.load(info.path, allow_pickle=False)
     import tifffile
 
-    with tifffile.TiffFile(info.path) as tf:
+    with _TiffLog(), tifffile.TiffFile(info.path) as tf:
         data = tf.series[0].asarray()
     if tuple(data.shape) != tuple(info.shape):
         data = data.reshape(info.shape)
@@ -548,9 +596,42 @@ def convert_dtype(image: np.ndarray, dtype) -> np.ndarray:
         info = np.iinfo(dt)
         work = image.astype(np.float64) if dt.itemsize >= 4 else np.asarray(image, np.float32)
         out = np.rint(work)
-        np.clip(out, info.min, info.max, out=out)
-        return out.astype(dt)
+        # float(info.max) of a 64-bit type rounds up (to 2**63 or 2**64), which does not fit the
+        # type and would wrap around: clip to the largest float that fits, then saturate exactly
+        hi = float(info.max)
+        top = out >= hi if int(hi) > info.max else None
+        if top is not None:
+            hi = float(np.nextafter(hi, -np.inf))
+        np.clip(out, info.min, hi, out=out)
+        res = out.astype(dt)
+        if top is not None:
+            res[top] = info.max
+        return res
+    image = np.asarray(image)
+    if (np.issubdtype(dt, np.floating) and np.issubdtype(image.dtype, np.floating)
+            and np.finfo(dt).max < np.finfo(image.dtype).max):
+        fi = np.finfo(dt)  # e.g. float16: saturate instead of overflowing to inf
+        return np.clip(image, fi.min, fi.max).astype(dt)
     return image.astype(dt, copy=False)
+
+
+def _keep_observed(data: np.ndarray, keep) -> np.ndarray:
+    """``data`` with its observed entries (``keep = (observed, input)``) set to the input's own values.
+
+    The restored float32 image holds values with more than 24 bits of precision (int32 above 2**24,
+    float64) only approximately: in the input's dtype the observed entries are copied from the input.
+    """
+    if keep is None:
+        return data
+    observed, original = keep
+    original = np.asarray(original)
+    if original.shape != data.shape or original.dtype.newbyteorder("=") != data.dtype.newbyteorder("="):
+        return data  # --dtype float32: the restored image holds float32(input) there already
+    observed = np.broadcast_to(np.asarray(observed, bool), data.shape)
+    if not data.flags.writeable or not data.flags.owndata:
+        data = data.copy()
+    np.copyto(data, original, casting="unsafe", where=observed)
+    return data
 
 
 def write_tiff(path, data: np.ndarray, info: ImageInfo | None, *, layout_axes=None, is_gradient=False):
@@ -811,7 +892,8 @@ def _plan(item: _Item, args, task, limit, ram, gpu_free, device):
         item.status, item.reason = "skipped", f"{item.out} exists (--overwrite replaces it)"
         return
     if task in MASK_TASKS:
-        item.mask = Path(args.mask) if args.mask else find_mask(item.src, args.mask_suffix)
+        if item.mask is None:  # normally found (and protected from being an output) by _run
+            item.mask = Path(args.mask) if args.mask else find_mask(item.src, args.mask_suffix)
         if item.mask is None:
             stem, ext = split_name(item.src)
             raise ValueError(f"no mask for {item.src.name}: expected {stem}{args.mask_suffix}{ext} "
@@ -887,6 +969,7 @@ def _run_one(item: _Item, args, task, device, rep: _Reporter, prefix: str):
             bar.close()
     res = job.result()
     elapsed = time.perf_counter() - t0
+    keep = getattr(job, "keep", None)  # inpaint/decloud: (observed entries, the input itself)
     del job
     layout_axes = item.axes
     if layout_axes is None:
@@ -897,7 +980,7 @@ def _run_one(item: _Item, args, task, device, rep: _Reporter, prefix: str):
     written = []
     for kind, path in item.targets:  # gradients first, the image last
         if kind == "image":
-            data = convert_dtype(res.image, out_dtype)
+            data = _keep_observed(convert_dtype(res.image, out_dtype), keep)
         else:
             data = res.gradients[kind[len("grad-"):]].astype(np.float32, copy=False)
         atomic_write(path, lambda tmp, d=data, g=(kind != "image"): write_output(
@@ -945,6 +1028,72 @@ def _describe(exc: BaseException) -> str:
     return f"{name}: {exc}"
 
 
+def _check_axes_agree(args, task):
+    """``--channel-axis`` / ``--time-axis`` given with ``--axes`` must name the same axes (usage error)."""
+    axes = args.axes
+    if not axes:
+        return
+    n = len(axes)
+    checks = [("--channel-axis", args.channel_axis, "C", "the channels")]
+    if task == "decloud":
+        checks.append(("--time-axis", getattr(args, "time_axis", None), "T", "the dates"))
+    for opt, ax, letter, what in checks:
+        if ax is None:
+            continue
+        if not -n <= ax < n:
+            raise _UsageError(f"{opt} {ax} is out of range for --axes {axes} ({n} axes)")
+        got = axes[ax % n]
+        if got == letter or (letter == "T" and "T" not in axes and got not in "CYX"):
+            continue
+        where = f"; {what} are axis {axes.index(letter)}" if letter in axes else f"; --axes {axes} has no {letter}"
+        raise _UsageError(f"{opt} {ax} disagrees with --axes {axes} (axis {ax} is {got}{where}); "
+                          f"give one of them, or make them agree")
+
+
+def _check_output_folder(folder: Path, label: str):
+    """Create the output folder (if needed) and check that a file can be written there: one usage error
+    up front instead of one failure per file."""
+    folder = folder if str(folder) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = _temp_path(folder / ".napari-ngr-write-test")
+        os.unlink(probe)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise _UsageError(f"{label}: cannot create the folder {folder} or write in it ({why})") from None
+
+
+def _path_key(path) -> str:
+    return os.path.normcase(os.path.realpath(path))
+
+
+class _Protected:
+    """The inputs and masks of a run, by name and (through links, case-insensitive names) by file."""
+
+    def __init__(self):
+        self.keys, self.ids = {}, {}
+
+    def add(self, path, what: str):
+        self.keys.setdefault(_path_key(path), what)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        if st.st_ino:  # 0 where the file system has no inode numbers
+            self.ids.setdefault((st.st_dev, st.st_ino), what)
+
+    def what(self, path) -> str | None:
+        """``"the input PATH"``, ``"the mask of NAME"``... when ``path`` is one of them, else None."""
+        found = self.keys.get(_path_key(path))
+        if found is not None:
+            return found
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return self.ids.get((st.st_dev, st.st_ino))
+
+
 class _Terminated(KeyboardInterrupt):
     pass
 
@@ -973,6 +1122,7 @@ def _run(args) -> int:
         raise _UsageError(f"-o {args.output}: the name must end with .tif, .tiff, .ome.tif or .npy")
     if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise _UsageError(f"--output-dir {args.output_dir} exists and is not a folder")
+    _check_axes_agree(args, task)
 
     paths, problems = expand_inputs(args.inputs, mask_suffix, exclude=[mask_file])
     if not paths:
@@ -983,25 +1133,30 @@ def _run(args) -> int:
     bars = not quiet and sys.stderr.isatty()
     rep = _Reporter(quiet, bars)
 
-    items: list[_Item] = []
     failed_inputs = [(_Item(Path(p), status="failed", reason=r)) for p, r in problems]
-    protected = {os.path.normcase(os.path.abspath(p)) for p in paths}
-    if mask_file:
-        protected.add(os.path.normcase(os.path.abspath(mask_file)))
+    # no output (image or gradient) may ever be an input or a mask, whatever --overwrite says
+    items = [_Item(p) for p in paths]
+    protected = _Protected()
+    for it in items:
+        protected.add(it.src, f"the input {it.src}")
+    for it in items:
+        if task in MASK_TASKS:
+            it.mask = Path(mask_file) if mask_file else find_mask(it.src, mask_suffix)
+            if it.mask is not None:
+                protected.add(it.mask, f"the mask {it.mask}" if mask_file else f"the mask of {it.src.name}")
     claimed = {}
-    for p in paths:
-        it = _Item(p)
-        it.out = Path(args.output) if args.output else output_path(p, args.output_dir)
-        key = os.path.normcase(os.path.abspath(it.out))
-        if key in protected:
+    for it in items:
+        it.out = Path(args.output) if args.output else output_path(it.src, args.output_dir)
+        key = _path_key(it.out)
+        clash = protected.what(it.out)
+        if clash:
             if args.output:
-                raise _UsageError(f"-o {args.output} is an input or the mask; it is never overwritten")
-            it.status, it.reason = "failed", f"its output {it.out} is itself an input"
+                raise _UsageError(f"-o {args.output} is an input or the mask ({clash}); it is never overwritten")
+            it.status, it.reason = "failed", f"its output {it.out} is {clash}; it is never overwritten"
         elif key in claimed:
             it.status, it.reason = "failed", f"same output {it.out} as {claimed[key]}"
         else:
-            claimed[key] = p
-        items.append(it)
+            claimed[key] = it.src
 
     ram = available_ram()
     gpu_free = _gpu_free(device) if device.type == "cuda" else None
@@ -1020,6 +1175,25 @@ def _run(args) -> int:
         except Exception as exc:
             it.status, it.reason = "failed", f"cannot read {it.src.name}: {_describe(exc)}" \
                 if it.info is None else _describe(exc)
+        for kind, path in it.targets if it.status == "todo" else ():
+            if kind == "image":
+                continue
+            key, clash = _path_key(path), protected.what(path)
+            if clash:
+                if args.output:
+                    raise _UsageError(f"-o {args.output}: its gradient file {path} is an input or the mask "
+                                      f"({clash}); it is never overwritten")
+                it.status, it.reason = "failed", f"its gradient output {path} is {clash}; it is never overwritten"
+            elif claimed.setdefault(key, it.src) != it.src:
+                it.status, it.reason = "failed", f"same output {path} as {claimed[key]}"
+            if it.status != "todo":
+                break
+
+    if any(it.status == "todo" for it in items):  # one usage error, not one failure per file
+        if args.output_dir:
+            _check_output_folder(Path(args.output_dir), f"--output-dir {args.output_dir}")
+        elif args.output:
+            _check_output_folder(Path(args.output).parent, f"-o {args.output}")
 
     all_items = failed_inputs + items
     n = len(all_items)
