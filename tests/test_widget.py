@@ -191,6 +191,74 @@ def test_cancel_keeps_best_so_far(make_napari_viewer, qtbot, errors, how):
     assert f"{image.name} restored (cancelled)" not in [layer.name for layer in viewer.layers]
 
 
+def _start_long_run(qtbot, viewer, preview=5):
+    """A long time-lapse inpainting (32 px), started and a few iterations in: (widget, worker)."""
+    add_sample(viewer, sd.timelapse_sample(32))
+    w = dock(viewer, iterations=3000, preview=preview)
+    w.early_stop_check.setChecked(False)
+    qtbot.mouseClick(w.run_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: w._pbar is not None and w._pbar.n >= preview + 1, timeout=30_000)
+    return w, w.worker
+
+
+def test_closing_the_viewer_during_a_run_is_quiet(make_napari_viewer, qtbot, errors):
+    """The widget is deleted with its viewer: the run stops, no notification, no layer added, and
+    no error from the progress messages still queued for its (deleted) Qt widgets."""
+    from napari.utils import progress
+
+    viewer = make_napari_viewer()
+    w, worker = _start_long_run(qtbot, viewer)
+    added = []
+    viewer.layers.events.inserted.connect(lambda event: added.append(event.value.name))
+    viewer.close()
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=30_000)
+    qtbot.wait(300)  # the worker's last (queued) signals
+    assert errors == []
+    assert not w.is_running and w.last_result is None
+    assert added == []
+    assert not [p for p in progress._all_instances if not getattr(p, "disable", False) and p.n < p.total]
+
+
+def test_closing_the_panel_cancels_its_run(make_napari_viewer, qtbot, errors):
+    """napari's panel close button (remove_dock_widget: the widget is only unparented, closeEvent
+    is not called) abandons the run: it stops at the next iteration and adds no layers."""
+    viewer = make_napari_viewer()
+    w, worker = _start_long_run(qtbot, viewer)
+    name = w.image_combo.value().name
+    assert f"{name} preview" in [layer.name for layer in viewer.layers]
+    viewer.window.remove_dock_widget(w)
+    assert w._state is None or w._state.cancel.is_set()
+    assert f"{name} preview" not in [layer.name for layer in viewer.layers]
+    qtbot.waitUntil(lambda: not w.is_running, timeout=30_000)
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=10_000)
+    assert errors == [] and w.last_result is None
+    assert [layer.name for layer in viewer.layers] == [name, "missing lines"]
+    assert w.run_button.text() == "Run" and "panel was closed" in w.status_label.text()
+    w.deleteLater()  # no longer owned by the viewer's window
+
+
+def test_rerun_replaces_its_own_results_despite_a_name_clash(make_napari_viewer, qtbot, errors):
+    """A layer of the user's named "img restored" (e.g. a saved result opened again) is never
+    removed, and each run replaces the layers the widget added before, whatever napari named them."""
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    image = viewer.add_image(rng.random((32, 32)).astype(np.float32), name="img")
+    mine = viewer.add_image(np.zeros((32, 32), np.float32), name="img restored")
+    viewer.layers.selection.active = image
+    w = dock(viewer, task="denoise", iterations=3)
+    click_run(qtbot, w)
+    first = [layer.name for layer in viewer.layers]
+    assert "img restored [1]" in first and w.status_label.text().endswith("→ 'img restored [1]'")
+    click_run(qtbot, w)
+    assert errors == []
+    assert [layer.name for layer in viewer.layers] == first
+    assert viewer.layers["img restored"] is mine and w.status_label.text().endswith("→ 'img restored [1]'")
+    viewer.layers["img restored [1]"].name = "keep me"  # a renamed result is kept
+    click_run(qtbot, w)
+    assert {"keep me", "img restored", "img restored [1]"} <= {layer.name for layer in viewer.layers}
+    assert viewer.layers["img restored"] is mine
+
+
 # --------------------------------------------------------------------------- layouts
 def test_multichannel_cyx_layer_denoising(make_napari_viewer, qtbot, errors):
     viewer = make_napari_viewer()
@@ -310,6 +378,31 @@ def test_rgb_layer_inpainting(make_napari_viewer, qtbot, errors):
         assert not g.rgb and g.data.shape == (3, SIZE, SIZE)  # channels first, one slider
         np.testing.assert_allclose(g.scale, (1.0, 0.5, 0.5))
     assert psnr(d["clean"], restored.data) > psnr(d["clean"], photo.data) + 3
+
+
+def test_rgb_gradient_layers_overlay_the_input(make_napari_viewer, qtbot, errors):
+    """The (C, Y, X) gradient layers of an RGB input keep its rotation, shear and affine for
+    Y and X: every pixel lands where the input's does."""
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    affine = np.array([[1.0, 0.0, 3.0], [0.2, 1.0, -1.0], [0.0, 0.0, 1.0]])
+    photo = viewer.add_image((rng.random((32, 32, 3)) * 255).astype(np.uint8), name="photo", rgb=True,
+                             scale=(0.5, 0.7), translate=(10, 20), rotate=20, shear=[0.3], affine=affine)
+    w = dock(viewer, task="denoise", iterations=3)
+    click_run(qtbot, w)
+    assert errors == []
+    pixels = [(0, 0), (5, 7), (31, 2), (20, 31)]
+    for name in ["photo restored"] + [f"photo \u2207{a}" for a in "cyx"]:
+        layer = viewer.layers[name]
+        for p in pixels:
+            if layer.rgb:
+                world = layer.data_to_world(p)
+            else:
+                assert layer.data.shape == (3, 32, 32)
+                full = layer.data_to_world((2,) + p)
+                assert full[0] == pytest.approx(2)  # the channel axis is left as is
+                world = full[1:]
+            np.testing.assert_allclose(world, photo.data_to_world(p), atol=1e-9, err_msg=f"{name} {p}")
 
 
 def _cloudy_series(rgb=False):
@@ -510,6 +603,33 @@ def test_defaults_follow_active_image_and_topmost_fitting_mask(make_napari_viewe
     assert w.mask_combo.value() is m_yx  # a user's choice is kept when layers come and go
     assert m_bool in w.mask_combo.candidates()
     assert [w.mask_combo.itemText(i) for i in range(w.mask_combo.count())][-1] == "(none)"
+
+
+def test_a_chosen_no_mask_is_kept_when_layers_change(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((SIZE, SIZE), np.float32), name="img")
+    w = dock(viewer)
+    assert w.mask_combo.value() is None
+    m = viewer.add_labels(np.zeros((SIZE, SIZE), np.uint8), name="mask")
+    assert w.mask_combo.value() is m  # a default "(none)" picks a fitting mask that comes in
+    w.mask_combo.setCurrentIndex(w.mask_combo.count() - 1)  # the user chooses "(none)"
+    viewer.add_points([[1, 1]], name="pts")
+    viewer.layers.remove("pts")
+    viewer.add_labels(np.zeros((SIZE, SIZE), np.uint8), name="another mask")
+    assert w.mask_combo.value() is None and w.mask_combo.currentText() == "(none)"
+
+
+def test_changing_axes_repicks_a_fitting_mask(make_napari_viewer):
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.zeros((SIZE, SIZE, 5), np.float32), name="bands last")  # guessed ZYX
+    m = viewer.add_labels(np.zeros((SIZE, SIZE), np.uint8), name="yx mask")
+    viewer.layers.selection.active = image
+    w = dock(viewer)
+    assert w.axes == "ZYX" and w.mask_combo.value() is None  # (48, 48) is not (Y, X) = (48, 5)
+    w.axes_combo.setCurrentText("YXC")
+    assert w.mask_combo.value() is m
+    w.axes_combo.setCurrentText("ZYX")  # no longer fits
+    assert w.mask_combo.value() is None
 
 
 @pytest.mark.enable_console

@@ -16,9 +16,15 @@ A run on layer ``"name"`` adds
 * while running, ``"name preview"``, updated every *preview* iterations and removed at the end.
 
 All of them copy the input's scale, translate, rotation/shear/affine, axis labels, units and
-metadata (plus a ``"napari_ngr"`` metadata entry recording the settings). The input layer is
-never modified. **Running again on the same input replaces** the result layers of the earlier
-run (the layers above, when they were made by this plugin): rename a result layer to keep it.
+metadata (plus a ``"napari_ngr"`` metadata entry recording the settings); an RGB input's
+gradient layers keep its rotation/shear/affine for Y and X (their leading ``c`` axis is left
+as is), so every result layer overlays the input. The input layer is never modified.
+**Running again on the same input replaces** the result layers of the earlier run (the layers
+the widget added then, whatever napari named them, and layers this plugin made under the names
+above): rename a result layer to keep it. Layers the plugin did not make are never removed.
+
+Closing the panel (its title-bar button, ``viewer.window.remove_dock_widget``) or the viewer
+during a run abandons the run: it stops at the next iteration and adds no layers.
 
 Settings (task, iterations per task, strength, device, seed, preview interval, early stopping) persist between
 napari sessions in ``QSettings("napari-ngr", "napari-ngr")`` (on Linux
@@ -29,6 +35,7 @@ may name another (INI) file instead, e.g. for tests.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import threading
@@ -38,7 +45,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import QSettings, Qt
+from qtpy.QtCore import QEvent, QSettings, Qt
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QPushButton,
                             QSizePolicy, QSpinBox, QVBoxLayout, QWidget)
 
@@ -152,6 +159,27 @@ class _RunState:
         self.total = int(params.get("iterations") or 0)
         self.finished = False
         self.last_bar_update = 0.0
+        self.discard = False  # the panel or the viewer was closed: add no layers, show nothing
+        self.source_ref = None  # weak reference to the input layer
+
+
+class _Lifetime:
+    """Whether the widget's Qt object was deleted (e.g. with its viewer), and its running run.
+
+    A plain Python object, told by the widget's ``destroyed`` signal: that signal must not call
+    the widget itself, whose Qt part is gone by then.
+    """
+
+    def __init__(self):
+        self.deleted = False
+        self.state: _RunState | None = None
+
+    def on_destroyed(self, *_):
+        self.deleted = True
+        st = self.state
+        if st is not None:
+            st.discard = True
+            st.cancel.set()
 
 
 def _fail(exc: BaseException) -> _Failure:
@@ -297,7 +325,8 @@ class RestoreWidget(QWidget):
     shape. Its mask and early stopping work as for inpainting.
 
     Running again on the same input replaces the result layers of the previous run (see the
-    module docstring); rename a result layer to keep it.
+    module docstring); rename a result layer to keep it. Closing the panel or the viewer during
+    a run abandons it: it stops at the next iteration and adds no layers.
     """
 
     def __init__(self, napari_viewer: "napari.Viewer", parent=None):
@@ -309,6 +338,14 @@ class RestoreWidget(QWidget):
         self._state: _RunState | None = None
         self._pbar = None
         self._preview_layer = None
+        # the layers each run added: (weak reference to the input layer, [(weak reference to a result
+        # layer, the name napari gave it)]); a re-run on the same input removes them (unless renamed)
+        self._outputs: list = []
+        self._mask_auto = True  # the mask is the default pick (not the user's choice): re-pick it freely
+        self._picking_mask = False
+        self._lifetime = _Lifetime()
+        # a partial of a plain object, not a method of the widget: see _Lifetime
+        self.destroyed.connect(functools.partial(_Lifetime.on_destroyed, self._lifetime))
         self._settings = _settings()
         self.last_result = None  # the RestorationResult of the last run (for scripting)
 
@@ -405,6 +442,7 @@ class RestoreWidget(QWidget):
         # ---- signals
         self.run_button.clicked.connect(self._on_run_clicked)
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
+        self.mask_combo.currentIndexChanged.connect(self._on_mask_chosen)
         self.axes_combo.currentIndexChanged.connect(self._on_axes_changed)
         self.task_combo.currentIndexChanged.connect(self._on_task_changed)
         self.iterations_spin.valueChanged.connect(self._save_settings)
@@ -515,7 +553,8 @@ class RestoreWidget(QWidget):
             self._on_image_changed()
             return
         self.mask_combo.refresh(layers)
-        if mask_before is None:
+        # a chosen mask layer is kept while it exists; '(none)' is re-picked unless the user chose it
+        if self.mask_combo.value() is None and (mask_before is not None or self._mask_auto):
             self._pick_default_mask()
 
     def _on_active_changed(self, event=None):
@@ -557,6 +596,10 @@ class RestoreWidget(QWidget):
             self.axes_hint.setText(" · ".join(f"{a}={n}" for a, n in zip(axes, shape)))
         else:
             self.axes_hint.setText(str(shape))
+        # the axis roles decide which masks fit: re-pick a mask that no longer fits, and a default '(none)'
+        mask = self.mask_combo.value()
+        if (mask is None and self._mask_auto) or (mask is not None and not mask_fits(mask.data.shape, shape, axes)):
+            self._pick_default_mask()
 
     def _pick_default_mask(self):
         """The topmost mask layer whose shape fits the image; '(none)' when there is none."""
@@ -564,11 +607,22 @@ class RestoreWidget(QWidget):
         if image is None:
             return
         shape, axes = _layer_shape(image), self.axes
+        choice = None
         for layer in self.mask_combo.candidates():
             if mask_fits(layer.data.shape, shape, axes):
-                self.mask_combo.set_value(layer)
-                return
-        self.mask_combo.set_value(None)
+                choice = layer
+                break
+        self._picking_mask = True
+        try:
+            self.mask_combo.set_value(choice)
+        finally:
+            self._picking_mask = False
+        self._mask_auto = True
+
+    def _on_mask_chosen(self, *_):
+        """The user (or a script) chose the mask: keep it, '(none)' included, when layers change."""
+        if not self._picking_mask:
+            self._mask_auto = False
 
     def _on_task_changed(self, *_, save=True):
         masked = self.task in _MASK_TASKS
@@ -654,15 +708,17 @@ class RestoreWidget(QWidget):
                 params.update(discrepancy=0.0, select="last", fallback="none")
         rgb = bool(image.rgb)
         state = _RunState(image.name, task, dict(params, strength=s), _layer_kwargs(image), rgb)
+        state.source_ref = weakref.ref(image)
         from napari.qt.threading import create_worker
 
         worker = create_worker(_restore_generator, task, image.data, mask, params, state,
                                _start_thread=False, _ignore_errors=True)
-        for signal, handler in ((worker.yielded, self._on_yielded), (worker.returned, self._on_returned),
-                                (worker.errored, self._on_errored), (worker.aborted, self._on_aborted),
-                                (worker.finished, self._on_finished)):
+        worker.yielded.connect(self._only_from(worker, self._on_yielded, last=False))
+        for signal, handler in ((worker.returned, self._on_returned), (worker.errored, self._on_errored),
+                                (worker.aborted, self._on_aborted), (worker.finished, self._on_finished)):
             signal.connect(self._only_from(worker, handler))
         self.worker, self._state = worker, state
+        self._lifetime.state = state
         self._set_running(f"Preparing {task} of {image.name!r} on {self.device}…")
         from napari.utils import progress
 
@@ -681,16 +737,45 @@ class RestoreWidget(QWidget):
         self.status_label.setText("Cancelling at the next iteration…")
 
     # ------------------------------------------------------------------ worker signals
-    def _only_from(self, worker, handler):
+    def _only_from(self, worker, handler, last=True):
         """``handler``, called only while ``worker`` is this widget's current worker: a cancelled
         run's thread can deliver its last signals (e.g. ``finished``) after a new run has started,
-        and they must not end the new run."""
+        and they must not end the new run. An abandoned run (panel or viewer closed) ends quietly
+        at its first ``last`` signal (returned, aborted, errored or finished)."""
 
         def call(*args):
-            if self.worker is worker:
-                handler(*args)
+            if self.worker is not worker:
+                return
+            st = self._state
+            if st is not None and st.discard:
+                if last and not st.finished:
+                    st.finished = True
+                    self._end_discarded(st)
+                return
+            handler(*args)
 
         return call
+
+    def _abandon(self, why: str):
+        """The panel was closed (or removed from the window) during a run: stop it at the next
+        iteration, remove its preview and add no layers (see :meth:`_end_discarded`)."""
+        st = self._state
+        if st is None or st.discard:
+            return
+        st.discard = True
+        st.cancel.set()
+        self._remove_preview()
+        self.run_button.setText("Cancelling…")
+        self.run_button.setEnabled(False)
+        self.status_label.setText(f"Cancelling: {why}")
+
+    def _end_discarded(self, st: _RunState):
+        """The end of an abandoned run: no layers and no notification. When the widget itself was
+        deleted (with its viewer), neither its Qt widgets nor the viewer are touched."""
+        if not self._lifetime.deleted:
+            self._remove_preview()
+        self._preview_layer = None
+        self._finish("Cancelled: the panel was closed")
 
     def _on_yielded(self, msg):
         # napari's progress bar calls QApplication.processEvents() when it changes, so the run
@@ -745,6 +830,10 @@ class RestoreWidget(QWidget):
         try:
             return self._add_result_layers(res, cancelled, device)
         except Exception as exc:  # noqa: BLE001 - e.g. the viewer refused a layer
+            st = self._state
+            if st is not None and st.discard:  # closed meanwhile (adding a layer processes events)
+                self._end_discarded(st)
+                return []
             log.error("napari-ngr: could not add the result layers", exc_info=exc)
             show_error(f"Could not add the result layers: {exc}")
             self._finish("Failed to add the result layers")
@@ -789,7 +878,7 @@ class RestoreWidget(QWidget):
         st = self._state
         self.last_result = res
         self._remove_preview()
-        self._remove_previous_outputs(st.source_name)
+        self._remove_previous_outputs(st)
         names = output_names(st.source_name)
         info = dict(source=st.source_name, task=st.task, device=device, iterations_run=int(res.iteration),
                     best_iteration=int(res.best_iteration), stop_reason=res.stop_reason,
@@ -807,8 +896,9 @@ class RestoreWidget(QWidget):
                 colormap=gradient_colormap(), contrast_limits=symmetric_limits(data), visible=False, **gkw))
         rkw = _image_kwargs(kw)
         rkw["metadata"] = dict(rkw["metadata"], napari_ngr=dict(info, role="restored"))
-        name = names["cancelled" if cancelled else "restored"]
-        added.append(self.viewer.add_image(res.image, name=name, **rkw))
+        added.append(self.viewer.add_image(res.image, name=names["cancelled" if cancelled else "restored"], **rkw))
+        name = added[-1].name  # napari's, e.g. "... [1]" when a layer of the user's has the name
+        self._outputs.append((st.source_ref, [(weakref.ref(layer), layer.name) for layer in added]))
         how = "cancelled" if cancelled else res.stop_reason
         sigma = f", σ={res.sigma:.3g}" if res.sigma is not None else ""
         if res.final_weight is not None:
@@ -823,10 +913,26 @@ class RestoreWidget(QWidget):
         self._finish(f"Done on {device}: {res.iteration} iterations, {what} ({how}{sigma}) → {name!r}")
         return added
 
-    def _remove_previous_outputs(self, source: str):
-        names = set(output_names(source).values())
-        for layer in list(self.viewer.layers):
-            if layer.name in names and _is_output(layer) and layer.metadata["napari_ngr"].get("source") == source:
+    def _remove_previous_outputs(self, st: _RunState):
+        """Remove the result layers of earlier runs on the same input: those this widget added (by
+        identity: napari may have renamed them, e.g. "name restored [1]"), and this plugin's layers
+        with the output names (e.g. from a panel since closed). Renamed results are kept."""
+        source = st.source_ref() if st.source_ref is not None else None
+        doomed, kept = [], []
+        for ref, layers in self._outputs:
+            src = ref() if ref is not None else None
+            if src is None:  # the input layer is gone: no run replaces its results
+                continue
+            if src is source:
+                doomed += [lay for lref, name in layers if (lay := lref()) is not None and lay.name == name]
+            else:
+                kept.append((ref, layers))
+        self._outputs = kept
+        names = set(output_names(st.source_name).values())
+        doomed += [lay for lay in self.viewer.layers if lay.name in names and _is_output(lay)
+                   and lay.metadata["napari_ngr"].get("source") == st.source_name]
+        for layer in doomed:
+            if layer in self.viewer.layers:
                 self.viewer.layers.remove(layer)
 
     def _show_preview(self, st: _RunState, data):
@@ -873,16 +979,31 @@ class RestoreWidget(QWidget):
         pbar, self._pbar = self._pbar, None
         st, self._state = self._state, None
         self.worker = None
+        self._lifetime.state = None
         if st is not None and st.job is not None:
             st.job = None
             _free_gpu()
+        if self._lifetime.deleted:  # closed with the viewer: its Qt widgets are gone
+            if pbar is not None:
+                try:
+                    pbar.close()
+                except Exception:  # noqa: BLE001 - the viewer's activity dock may be gone too
+                    log.debug("napari-ngr: could not close the progress bar", exc_info=True)
+            return
         self._set_idle(text)
         if pbar is not None:
             pbar.close()  # last: it may process events
 
+    def event(self, event):  # noqa: D102 - Qt API
+        # napari's panel close button (and viewer.window.remove_dock_widget) only take the widget out
+        # of its dock (setParent(None)): closeEvent is not called, so that is the hook that ends a run
+        if event.type() == QEvent.Type.ParentChange and self.parent() is None and self._state is not None:
+            self._abandon("the panel was closed")
+        return super().event(event)
+
     def closeEvent(self, event):  # noqa: N802 - Qt API
         if self._state is not None:
-            self._state.cancel.set()
+            self._abandon("the panel was closed")
         super().closeEvent(event)
 
 
@@ -944,12 +1065,30 @@ def _image_kwargs(kw: dict) -> dict:
 
 
 def _gradient_kwargs(kw: dict, rgb: bool) -> dict:
-    """Gradient layers: the input's geometry; for RGB inputs a leading channel axis is added
-    (and only scale and translate are kept)."""
+    """Gradient layers: the input's geometry. For RGB inputs a leading channel axis is added
+    (the gradients are ``(C, ..., Y, X)``, not RGB): it gets scale 1 and no translation, and
+    the input's rotation, shear and affine act on the other axes only, so each pixel of a
+    gradient layer lands where the input's pixel does."""
     if not rgb:
         out = {k: kw[k] for k in ("scale", "translate", "rotate", "shear", "affine", "axis_labels", "units")}
     else:
+        from napari.utils.transforms.transform_utils import expand_upper_triangular
+
+        shear = np.asarray(kw["shear"], dtype=float)
+        if shear.ndim == 1:  # napari's upper-triangular entries
+            shear = expand_upper_triangular(shear)
         out = dict(scale=(1.0,) + tuple(kw["scale"]), translate=(0.0,) + tuple(kw["translate"]),
+                   rotate=_lead_identity(kw["rotate"]), shear=_lead_identity(shear),
+                   affine=_lead_identity(kw["affine"]),
                    axis_labels=("c",) + tuple(kw["axis_labels"]), units=("pixel",) + tuple(kw["units"]))
     out["metadata"] = copy.copy(kw["metadata"])
+    return out
+
+
+def _lead_identity(matrix) -> np.ndarray:
+    """``matrix`` (n x n, e.g. a rotation or an (n-1)-D homogeneous affine) with a leading axis
+    that it leaves as is: ``[[1, 0], [0, matrix]]``."""
+    m = np.asarray(matrix, dtype=float)
+    out = np.eye(m.shape[0] + 1)
+    out[1:, 1:] = m
     return out
