@@ -61,8 +61,9 @@ def test_denoise_every_layout_beats_input(layouts, idx):
 def test_gradient_axes_named_per_layout(rgb48, stack):
     _, g = napari_ngr.denoise(stack, sigma=0.05, iterations=2, return_gradients=True)
     assert list(g) == ["z", "y", "x"]
-    _, g = napari_ngr.denoise(rgb48, channel_axis=-1, sigma=0.05, iterations=2, return_gradients=True)
+    out, g = napari_ngr.denoise(rgb48, channel_axis=-1, sigma=0.05, iterations=2, return_gradients=True)
     assert list(g) == ["c", "y", "x"]
+    assert out.flags.c_contiguous and all(v.flags.c_contiguous for v in g.values())  # not transposed views
     _, g = napari_ngr.denoise(stack, axes="TYX", sigma=0.05, iterations=2, return_gradients=True)
     assert list(g) == ["t", "y", "x"]
     # the returned maps are the forward differences of the returned image

@@ -56,12 +56,12 @@ class Layout:
         return t.reshape(self.internal_shape)
 
     def to_user(self, t: np.ndarray) -> np.ndarray:
-        """``(S, C, H, W)`` -> user layout."""
+        """``(S, C, H, W)`` -> user layout, C-contiguous (as NumPy and scikit-image return)."""
         order = self._order()
         present = [i for i in order if i is not None]
         squeezed = t.reshape([self.shape[i] for i in present])
         inv = np.argsort(present)
-        return np.transpose(squeezed, inv)
+        return np.ascontiguousarray(np.transpose(squeezed, inv))
 
     def mask_layout(self, shape) -> "Layout | None":
         """The layout of a mask of ``shape`` given in the image's shape, without its channel
