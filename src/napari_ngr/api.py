@@ -203,8 +203,8 @@ def _check_image(image, finite: bool = True) -> np.ndarray:
         raise ValueError("image contains NaN or inf values; replace them first (inpaint accepts them "
                          "where the mask marks entries missing)")
     if np.issubdtype(a.dtype, np.floating) and a.dtype.itemsize > 4:
-        big = np.abs(a[np.isfinite(a)] if not finite else a, dtype=np.float64)
-        top = float(big.max(initial=0.0))
+        where = True if finite else np.isfinite(a)  # inpaint: NaN/inf may stand at missing entries
+        top = max(abs(float(a.max(where=where, initial=0.0))), abs(float(a.min(where=where, initial=0.0))))
         if top > float(np.finfo(np.float32).max):
             raise ValueError(f"image has values up to {top:.3g}, beyond float32's range (3.4e38), in which "
                              "the result is returned; rescale it first")
