@@ -43,6 +43,10 @@ def test_mask_fits():
     assert mask_fits((48, 48), (5, 3, 48, 48), "TCYX")
     assert not mask_fits((40, 48), (48, 48), "YX")
     assert not mask_fits((3, 48, 48), (5, 3, 48, 48), "TCYX")
+    # decloud: a cloud mask per date, never one (Y, X) plane for all of them
+    assert mask_fits((5, 48, 48), (5, 3, 48, 48), "TCYX", per_date=True)
+    assert not mask_fits((48, 48), (5, 3, 48, 48), "TCYX", per_date=True)
+    assert not mask_fits((48, 48), (5, 48, 48), "TYX", per_date=True)
 
 
 def test_names_limits_and_messages():

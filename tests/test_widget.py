@@ -632,6 +632,19 @@ def test_changing_axes_repicks_a_fitting_mask(make_napari_viewer):
     assert w.mask_combo.value() is None
 
 
+def test_decloud_picks_a_mask_per_date(make_napari_viewer):
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.zeros((4, SIZE, SIZE), np.float32), name="series", axis_labels=("t", "y", "x"))
+    dated = viewer.add_labels(np.zeros((4, SIZE, SIZE), np.uint8), name="clouds")
+    yx = viewer.add_labels(np.zeros((SIZE, SIZE), np.uint8), name="scratch")  # on top: picked for inpainting
+    viewer.layers.selection.active = image
+    w = dock(viewer)
+    w.task_combo.setCurrentText("inpaint")
+    assert w.mask_combo.value() is yx
+    w.task_combo.setCurrentText("decloud")  # a (Y, X) mask is refused by decloud: the per-date one
+    assert w.mask_combo.value() is dated
+
+
 @pytest.mark.enable_console
 def test_console_has_the_library(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()

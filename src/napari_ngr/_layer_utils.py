@@ -91,9 +91,10 @@ def guess_axes(shape, *, rgb: bool = False, axis_labels=None, metadata=None) -> 
     return choices[0] if choices else "YX"
 
 
-def mask_fits(mask_shape, image_shape, axes: str) -> bool:
+def mask_fits(mask_shape, image_shape, axes: str, per_date: bool = False) -> bool:
     """Whether a mask of ``mask_shape`` broadcasts to the image the way the library accepts:
-    the image's shape, the image's shape without the channel axis, or (Y, X)."""
+    the image's shape, the image's shape without the channel axis, or (Y, X). ``per_date``
+    (decloud): a cloud mask has its own plane for every date, so (Y, X) alone does not fit."""
     from ._layout import Layout
 
     image_shape = tuple(image_shape)
@@ -101,7 +102,8 @@ def mask_fits(mask_shape, image_shape, axes: str) -> bool:
         return True
     if len(axes) != len(image_shape) or "Y" not in axes or "X" not in axes:
         return False
-    return Layout(axes, image_shape).mask_layout(mask_shape) is not None
+    sub = Layout(axes, image_shape).mask_layout(mask_shape)
+    return sub is not None and not (per_date and sub.axes == "YX" and len(sub.axes) < len(axes.replace("C", "")))
 
 
 def output_names(source: str, axes=("y", "x", "z", "t", "c")) -> dict:

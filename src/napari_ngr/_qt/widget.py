@@ -597,19 +597,28 @@ class RestoreWidget(QWidget):
         else:
             self.axes_hint.setText(str(shape))
         # the axis roles decide which masks fit: re-pick a mask that no longer fits, and a default '(none)'
-        mask = self.mask_combo.value()
-        if (mask is None and self._mask_auto) or (mask is not None and not mask_fits(mask.data.shape, shape, axes)):
+        self._repick_mask_if_unfit()
+
+    def _repick_mask_if_unfit(self):
+        """Re-pick the mask when the chosen one no longer fits (the axes or the task changed), or
+        when '(none)' is the default pick rather than the user's choice."""
+        image, mask = self.image_combo.value(), self.mask_combo.value()
+        if image is None:
+            return
+        if (mask is None and self._mask_auto) or (mask is not None and not self._mask_fits(mask, image)):
             self._pick_default_mask()
+
+    def _mask_fits(self, mask, image) -> bool:
+        return mask_fits(mask.data.shape, _layer_shape(image), self.axes, per_date=self.task == "decloud")
 
     def _pick_default_mask(self):
         """The topmost mask layer whose shape fits the image; '(none)' when there is none."""
         image = self.image_combo.value()
         if image is None:
             return
-        shape, axes = _layer_shape(image), self.axes
         choice = None
         for layer in self.mask_combo.candidates():
-            if mask_fits(layer.data.shape, shape, axes):
+            if self._mask_fits(layer, image):
                 choice = layer
                 break
         self._picking_mask = True
@@ -634,6 +643,8 @@ class RestoreWidget(QWidget):
             self._save_settings()
         if not self.is_running:
             self.status_label.setText(self._idle_text())
+            if masked:  # decloud needs a mask per date: a (Y, X) one chosen for inpainting no longer fits
+                self._repick_mask_if_unfit()
 
     def _on_device_changed(self, *_):
         self._save_settings()
