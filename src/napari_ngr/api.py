@@ -140,7 +140,12 @@ class RestorationResult:
         Why the loop ended ("iteration budget reached", "validation error stopped improving",
         "cancelled", ...).
     sigma : float or None
-        For denoising, the noise level used (input units).
+        For denoising, the noise level used (input units; where the channels were whitened, the
+        common level in the input's units of intensity range).
+    channel_sigmas : tuple of float or None
+        Gaussian denoising of 2-4 channels whose estimated noise levels differ by more than
+        ``CHANNEL_SIGMA_RATIO`` (1.5): each channel's level (input units); the channels were
+        scaled to one level for the solver and back. None otherwise.
     history : list of dict
         The progress records without previews.
     final_weight : float or None
@@ -180,6 +185,7 @@ class RestorationResult:
     start: str | None = None
     precision: str = "float32"
     seed: int = 0
+    channel_sigmas: tuple | None = None
 
     @property
     def nlmeans_note(self) -> str:
@@ -226,11 +232,31 @@ class _Scaler:
             hi = lo + 1.0
         self.lo, self.scale = float(lo), float(hi - lo)
         self.dtype = a.dtype
+        self.gain = self.mid = None  # per-channel noise whitening (see whiten), (1, C, 1, 1)
 
     def forward(self, a):
         return ((a.astype(np.float32) - np.float32(self.lo)) / np.float32(self.scale)).astype(np.float32)
 
+    def whiten(self, y: np.ndarray, gain: np.ndarray) -> np.ndarray:
+        """Scale each channel of the normalized ``(S, C, H, W)`` image ``y`` about its mean by
+        ``gain`` (one per channel), so that its noise has one level in every channel;
+        :meth:`back` and :meth:`unwhiten` undo it."""
+        self.gain = np.asarray(gain, np.float32).reshape(1, -1, 1, 1)
+        self.mid = y.mean(axis=(0, 2, 3), keepdims=True, dtype=np.float64).astype(np.float32)
+        return ((y - self.mid) * self.gain + self.mid).astype(np.float32)
+
+    def unwhiten(self, t: torch.Tensor) -> torch.Tensor:
+        """:meth:`whiten` undone on an internal ``(S, C, H, W)`` tensor (identity without it)."""
+        if self.gain is None:
+            return t
+        mid, gain = (torch.from_numpy(v).to(t.device, t.dtype) for v in (self.mid, self.gain))
+        return (t - mid) / gain + mid
+
     def back(self, t: np.ndarray, offset: bool = True) -> np.ndarray:
+        """Normalized values to the input's units; ``offset=False`` for differences (gradient
+        maps, taken after :meth:`unwhiten`)."""
+        if offset and self.gain is not None:
+            t = (t - self.mid) / self.gain + self.mid
         out = t.astype(np.float32) * np.float32(self.scale)
         if offset:
             out += np.float32(self.lo)
@@ -270,6 +296,7 @@ class RestorationJob:
         self.layout = layout
         self.scaler = scaler
         self.sigma = sigma
+        self.channel_sigmas = None  # denoising: per-channel noise levels, where the channels were whitened
         self._cancelled = False
         #: ``(observed, image)`` in the user's layout: observed entries re-inserted exactly by :meth:`result`.
         self.keep = keep
@@ -323,17 +350,19 @@ class RestorationJob:
             if self.keep is not None:  # exactly the input's values (no round trip through [0, 1])
                 image = _clip_to_dtype(np.where(self.keep[0], self.keep[1], image).astype(np.float32),
                                        self.keep[1].dtype)
-            grads = {k: self._to_user(v, offset=False) for k, v in r.gradients(est).items()}
+            grads = {k: self._to_user(v, offset=False) for k, v in r.gradients(self.scaler.unwhiten(est)).items()}
         reason = "cancelled" if self._cancelled else r.state.stop_reason
         alpha = r.nlmeans_weight()
         if alpha >= 1:
             return RestorationResult(image, grads, r.state.iteration, 0, reason, self.sigma,
                                      list(r.state.history), None, method="NL-means", nlmeans_weight=1.0,
-                                     start=r.start_name, precision=r.precision, seed=r.opt.seed)
+                                     start=r.start_name, precision=r.precision, seed=r.opt.seed,
+                                     channel_sigmas=self.channel_sigmas)
         return RestorationResult(image, grads, r.state.iteration, r.state.best_iteration, reason,
                                  self.sigma, list(r.state.history), r.final_weight(),
                                  method="NGR + NL-means" if alpha > 0 else "NGR", nlmeans_weight=alpha,
-                                 start=r.start_name, precision=r.precision, seed=r.opt.seed)
+                                 start=r.start_name, precision=r.precision, seed=r.opt.seed,
+                                 channel_sigmas=self.channel_sigmas)
 
 
 def _axes_weights(layout: Layout, spatial_weight, channel_weight, stack_weight) -> dict:
@@ -699,6 +728,20 @@ def _estimate_sigma_normalized(y: np.ndarray) -> float:
     return float(np.median([noise_rms(planes[i]) for i in idx]))
 
 
+#: Gaussian denoising of 2-4 channels with ``sigma=None``: where one channel's estimated noise level
+#: exceeds another's by more than this factor, every channel is scaled to one level first
+#: (:meth:`_Scaler.whiten`) and back after; one global level left most of a noisier channel's noise.
+CHANNEL_SIGMA_RATIO = 1.5
+
+
+def _channel_sigmas_normalized(y: np.ndarray) -> np.ndarray:
+    """:func:`~napari_ngr.operators.noise_rms` of every channel of ``(S, C, H, W)``: the median over
+    (up to 16) of its planes."""
+    S, C = y.shape[:2]
+    idx = np.linspace(0, S - 1, min(S, 16)).round().astype(int)
+    return np.array([np.median([noise_rms(y[i, c]) for i in idx]) for c in range(C)], dtype=np.float64)
+
+
 def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="gaussian", iterations=None,
                     spatial_weight=None, channel_weight=None, stack_weight=None, seed=0, device=None,
                     preview_every=0, data_weight=None, destripe=True, **options) -> RestorationJob:
@@ -741,6 +784,13 @@ def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="g
         raise ValueError("every gradient weight is 0: denoising needs a positive weight on at least one "
                          f"axis ({', '.join(weights)}); with none the result would be the input")
     dw = DEFAULTS["denoise"]["options"]["data_weight"] if data_weight is None else float(data_weight)
+    channel_sigmas = None
+    if noise == "gaussian" and s is None and 1 < C <= BAND_CHANNELS:
+        sc = np.maximum(_channel_sigmas_normalized(y), 1e-3)
+        if sc.max() > CHANNEL_SIGMA_RATIO * sc.min():  # channels of different noise: whiten them
+            s = float(np.sqrt(np.mean(sc ** 2)))
+            y = scaler.whiten(y, s / sc)
+            channel_sigmas = tuple(float(v) * scaler.scale for v in sc)
     yt = torch.from_numpy(y).to(dev)
     if noise == "gaussian":
         if s is None:
@@ -750,7 +800,9 @@ def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="g
         op = MixedNoise(yt, s, weight=dw, stripes=bool(destripe))
         s = op.sigma
     r = Restoration(op, weights, opt, device=dev, preview_every=preview_every)
-    return RestorationJob(r, layout, scaler, sigma=s * scaler.scale)
+    job = RestorationJob(r, layout, scaler, sigma=s * scaler.scale)
+    job.channel_sigmas = channel_sigmas
+    return job
 
 
 def denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="gaussian", iterations=None,
