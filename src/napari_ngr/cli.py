@@ -987,6 +987,8 @@ def _run_one(item: _Item, args, task, device, rep: _Reporter, prefix: str):
             tmp, d, info, layout_axes=layout_axes, is_gradient=g), overwrite=args.overwrite)
         written.append(path)
     extra = f", sigma {res.sigma:.4g}" if res.sigma is not None else ""
+    if getattr(res, "channel_sigmas", None) is not None:  # channels of different noise, whitened
+        extra = ", sigma per channel " + " / ".join(f"{v:.4g}" for v in res.channel_sigmas)
     if res.final_weight is not None:
         extra += f", data weight x{res.final_weight:g}"
     n_grad = sum(1 for k, _ in item.targets if k != "image")

@@ -894,6 +894,7 @@ class RestoreWidget(QWidget):
         info = dict(source=st.source_name, task=st.task, device=device, iterations_run=int(res.iteration),
                     best_iteration=int(res.best_iteration), stop_reason=res.stop_reason,
                     sigma=None if res.sigma is None else float(res.sigma),
+                    channel_sigmas=None if res.channel_sigmas is None else [float(v) for v in res.channel_sigmas],
                     final_weight=res.final_weight, method=res.method, nlmeans_weight=float(res.nlmeans_weight),
                     start=res.start, precision=res.precision, **{k: v for k, v in st.params.items() if k != "device"})
         kw = st.layer_kwargs
@@ -912,6 +913,8 @@ class RestoreWidget(QWidget):
         self._outputs.append((st.source_ref, [(weakref.ref(layer), layer.name) for layer in added]))
         how = "cancelled" if cancelled else res.stop_reason
         sigma = f", σ={res.sigma:.3g}" if res.sigma is not None else ""
+        if getattr(res, "channel_sigmas", None) is not None:  # channels of different noise, whitened
+            sigma = ", σ per channel " + " / ".join(f"{v:.3g}" for v in res.channel_sigmas)
         if res.final_weight is not None:
             sigma += f", data weight ×{res.final_weight:g}"
         if res.nlmeans_weight >= 1:
