@@ -13,7 +13,7 @@ import torch
 from ._device import resolve_device
 from ._layout import Layout, resolve_layout
 from .operators import Denoising, Inpainting, MixedNoise, noise_rms
-from .solver import Progress, Restoration, SolverOptions
+from .solver import Progress, Restoration, SolverOptions, finite_number
 
 __all__ = ["inpaint", "denoise", "decloud", "prepare_inpaint", "prepare_denoise", "prepare_decloud", "RestorationJob",
            "RestorationResult", "DEFAULTS", "estimate_memory"]
@@ -141,7 +141,7 @@ class RestorationResult:
         "cancelled", ...).
     sigma : float or None
         For denoising, the noise level used (input units; where the channels were whitened, the
-        common level in the input's units of intensity range).
+        root mean square of ``channel_sigmas``).
     channel_sigmas : tuple of float or None
         Gaussian denoising of 2-4 channels whose estimated noise levels differ by more than
         ``CHANNEL_SIGMA_RATIO`` (1.5): each channel's level (input units); the channels were
@@ -369,7 +369,7 @@ def _axes_weights(layout: Layout, spatial_weight, channel_weight, stack_weight) 
     out = {}
     for name, dim in layout.axis_names().items():
         w = {"y": spatial_weight, "x": spatial_weight, "c": channel_weight}.get(name, stack_weight)
-        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not np.isfinite(w) or w < 0:
+        if not finite_number(w) or w < 0:
             raise ValueError(f"the weight of axis {name!r} must be a finite number >= 0, got {w!r}")
         out[name] = (dim, float(w))
     return out
@@ -388,7 +388,7 @@ def _options(task: str, iterations, seed, extra: dict, planar: bool = False, ban
         raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
     opts.update(extra)
     it = d["iterations"] if iterations is None else iterations
-    if isinstance(it, bool) or not isinstance(it, numbers.Real) or not np.isfinite(it) or int(it) != it or it < 1:
+    if not finite_number(it) or int(it) != it or it < 1:
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
     opts["iterations"] = int(it)
     if seed is None:  # fresh entropy, as numpy's default_rng(None); RestorationResult.seed reports it
@@ -760,16 +760,14 @@ def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="g
     scaler = _Scaler(smooth, None)
     scaler.dtype = a.dtype
     y = np.ascontiguousarray(scaler.forward(internal), dtype=np.float32)
-    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real)
-                              or not np.isfinite(sigma) or sigma <= 0):
+    if sigma is not None and not (finite_number(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a positive number (input units) or None, got {sigma!r}")
     s = None if sigma is None else max(float(sigma) / scaler.scale, 1e-3)
     if s is not None and s > MAX_SIGMA:
         raise ValueError(f"sigma={sigma!r} is more than {MAX_SIGMA:g} times the image's intensity range "
                          f"({scaler.scale:.4g}): give it in the image's units (e.g. 25 for uint8 data, "
                          "0.1 for data in [0, 1]), or None to estimate it")
-    if data_weight is not None and (isinstance(data_weight, bool) or not isinstance(data_weight, numbers.Real)
-                                    or not np.isfinite(data_weight) or data_weight <= 0):
+    if data_weight is not None and not (finite_number(data_weight) and data_weight > 0):
         raise ValueError(f"data_weight must be a positive number, got {data_weight!r}")
     S, C = layout.internal_shape[:2]
     planar = noise == "gaussian" and S == 1 and C <= BAND_CHANNELS

@@ -401,7 +401,7 @@ class Inpainting(Operator):
             axis = self.plane_axis() if lost else 0
             ds = int(torch.randint(1, obs.shape[axis], (1,), generator=generator)) if lost else 0
             cand = obs & torch.roll(miss, (ds, dy, dx), dims=(axis, 2, 3))
-            tile = max(8, min(H, W) // 4)
+            tile = self._tile()
             ty, tx = -(-H // tile), -(-W // tile)
             yy = torch.arange(H, device=obs.device) // tile
             xx = torch.arange(W, device=obs.device) // tile
@@ -441,7 +441,7 @@ class Inpainting(Operator):
         miss = (~obs).cpu().numpy()
         share = miss.reshape(S, C, -1).mean(-1)
         empty = share == 1.0
-        tile = max(8, min(H, W) // 4)
+        tile = self._tile()
         deep = any(ndimage.distance_transform_edt(miss[s, c]).max() > tile / 2
                    for s, c in zip(*np.nonzero((share > self.lost_plane_fraction) & ~empty)))
         if not deep:
@@ -468,6 +468,11 @@ class Inpainting(Operator):
         if not 16 <= int(held.sum()) <= 0.25 * int(obs.sum()):
             return None
         return self._split(held), held
+
+    def _tile(self) -> int:
+        """Side of :meth:`holdout`'s tiles (pixels)."""
+        H, W = self.observed.shape[-2:]
+        return max(8, min(H, W) // 4)
 
     def _split(self, held: torch.Tensor) -> "Inpainting":
         split = Inpainting(self.y, self.observed & ~held, start=self.start)

@@ -133,6 +133,12 @@ def resolve_precision(precision: str, device, single_image: bool = True) -> str:
     return "bfloat16" if native else "float32"
 
 
+def finite_number(v, integer: bool = False) -> bool:
+    """Whether ``v`` is a finite real number (an integer with ``integer``), not a bool or a string."""
+    kind = numbers.Integral if integer else numbers.Real
+    return isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass
 class SolverOptions:
     """Numerical options of the loop (the public functions set task defaults)."""
@@ -195,16 +201,12 @@ class SolverOptions:
         }
         for name, (integer, lo, hi, closed) in checks.items():
             v = getattr(self, name)
-            kind = numbers.Integral if integer else numbers.Real
-            ok = (isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v) and v <= hi
-                  and (v >= lo if closed else v > lo))
+            ok = finite_number(v, integer) and v <= hi and (v >= lo if closed else v > lo)
             if not ok:
                 what = "an integer" if integer else "a number"
                 rng = f"{'>=' if closed else '>'} {lo}" + (f" and <= {hi}" if hi != math.inf else "")
                 raise ValueError(f"option {name} must be {what} {rng}, got {v!r}")
-        if self.final_weight != "auto" and (isinstance(self.final_weight, bool)
-                                            or not isinstance(self.final_weight, numbers.Real)
-                                            or not math.isfinite(self.final_weight) or self.final_weight <= 0):
+        if self.final_weight != "auto" and not (finite_number(self.final_weight) and self.final_weight > 0):
             raise ValueError(f"option final_weight must be 'auto' or a number > 0, got {self.final_weight!r}")
 
 
@@ -365,18 +367,16 @@ class Restoration:
         #: holds a copy of the hole out whole in another plane.
         self.start_name, self.start_errors = None, {}
         if isinstance(self.operator, Inpainting):
-            cands = self.operator.start_candidates()
+            # a large hole in a few planes: its copy, held out whole in another plane, chooses; then
+            # only the chosen fill is made from the loop's split
+            by_plane = operator.holdout_planes() if operator.start == "auto" and self.held is not None else None
+            cands = by_plane[0].start_candidates() if by_plane is not None else self.operator.start_candidates()
             name = next(iter(cands))
             if len(cands) > 1 and self.held is not None:
-                # a large hole in a few planes: its copy, held out whole in another plane, chooses
-                by_plane = operator.holdout_planes()
-                if by_plane is not None:
-                    split, held = by_plane
-                    scored, y_held = split.start_candidates(), operator.y[held]
-                else:
-                    scored, held, y_held = cands, self.held, self.full_operator.y[self.held]
+                held = by_plane[1] if by_plane is not None else self.held
+                y_held = operator.y[held]
                 sq = {k: (v.to(self.device)[held.to(self.device)] - y_held.to(self.device)) ** 2
-                      for k, v in scored.items()}
+                      for k, v in cands.items()}
                 self.start_errors = {k: float(e.mean()) for k, e in sq.items()}
                 best = name
                 for k, e in sq.items():
@@ -387,7 +387,7 @@ class Restoration:
                         best = k
                 name = best
             self.start_name = name
-            self.x = cands[name].to(self.device)
+            self.x = (self.operator.fill(name) if by_plane is not None else cands[name]).to(self.device)
         else:
             self.x = self.operator.initial_estimate().to(self.device)
         if options.prefilter not in ("none", "nlmeans", "lowrank"):
