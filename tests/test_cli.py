@@ -652,6 +652,21 @@ def test_denoise_logs_the_nlmeans_fallback_and_no_fallback_keeps_the_network(tmp
     assert psnr(board, fb) > psnr(board, ngr) + 3
 
 
+def test_denoise_poisson_noise(tmp_path, capsys, camera):
+    clean = camera[:48, :48] / 255.0
+    counts = (100 + 2 * np.random.default_rng(0).poisson(20 * clean)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "c.tif", counts)
+    assert main(["denoise", str(tmp_path / "c.tif"), "--noise", "poisson", "--sigma", "3"]) == 2
+    assert "--sigma is for Gaussian noise" in capsys.readouterr().err
+    assert main(["denoise", str(tmp_path / "c.tif"), "--noise", "poisson", "--iterations", "20",
+                 "-o", str(tmp_path / "d.tif")]) == 0
+    err = capsys.readouterr().err
+    assert "noise variance" in err and "sigma" not in err.split("c.tif -> ")[-1]
+    out = tifffile.imread(tmp_path / "d.tif")
+    truth = 100 + 40 * clean
+    assert out.dtype == np.uint16 and psnr(truth, out) > psnr(truth, counts) + 5
+
+
 def test_precision_option_reaches_the_network(tmp_path, camera):
     noisy = (camera[:40, :40] / 255.0 + np.random.default_rng(0).normal(0, 0.1, (40, 40))).astype(np.float32)
     tifffile.imwrite(tmp_path / "n.tif", noisy)

@@ -348,6 +348,39 @@ def test_denoising_reports_the_nlmeans_fallback(make_napari_viewer, qtbot, error
     assert "returned iteration 5" in w.status_label.text()
 
 
+def test_poisson_noise_choice(make_napari_viewer, qtbot, errors, isolated_settings):
+    """The Noise choice (denoising only) reaches the library: shot noise in photon counts is
+    fitted, stabilized and removed; the fitted model is in the status line and the metadata."""
+    from skimage import data
+    from skimage.transform import resize
+
+    clean = resize(data.camera()[40:360, 100:420] / 255.0, (48, 48), anti_aliasing=True)
+    counts = (100 + 2 * np.random.default_rng(0).poisson(20 * clean)).astype(np.uint16)
+    viewer = make_napari_viewer()
+    image = viewer.add_image(counts, name="counts")
+    w = dock(viewer, task="denoise", iterations=30)
+    assert w.noise_combo.isEnabled() and w.noise_combo.currentData() == "gaussian"
+    w.noise_combo.setCurrentIndex(w.noise_combo.findData("poisson"))
+    click_run(qtbot, w)
+    assert errors == []
+    res = w.last_result
+    assert res.noise_variance is not None and res.noise_variance[0][0] == pytest.approx(2.0, rel=0.3)
+    assert "noise variance" in w.status_label.text()
+    out = viewer.layers[f"{image.name} restored"]
+    meta = out.metadata["napari_ngr"]
+    assert meta["noise"] == "poisson" and meta["sigma"] is None and len(meta["noise_variance"]) == 1
+    truth = 100 + 40 * clean
+    assert psnr(truth, out.data) > psnr(truth, counts) + 5
+    np.testing.assert_array_equal(image.data, counts)  # the input layer is untouched
+    w.task_combo.setCurrentText("inpaint")
+    assert not w.noise_combo.isEnabled()
+    w2 = RestoreWidget(viewer)  # the choice persists
+    try:
+        assert w2.noise_combo.currentData() == "poisson"
+    finally:
+        w2.deleteLater()
+
+
 def test_channel_axis_metadata_prefills_axes(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((SIZE, SIZE, 5), np.float32), name="yxc", metadata={"channel_axis": -1})

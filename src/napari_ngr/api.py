@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ import torch
 
 from ._device import resolve_device
 from ._layout import Layout, resolve_layout
-from .operators import Denoising, Inpainting, MixedNoise, noise_rms
+from .operators import Denoising, Inpainting, MixedNoise, fit_noise_variance, noise_rms
 from .solver import Progress, Restoration, SolverOptions, finite_number
 
 __all__ = ["inpaint", "denoise", "decloud", "prepare_inpaint", "prepare_denoise", "prepare_decloud", "RestorationJob",
@@ -146,6 +147,10 @@ class RestorationResult:
         Gaussian denoising of 2-4 channels whose estimated noise levels differ by more than
         ``CHANNEL_SIGMA_RATIO`` (1.5): each channel's level (input units); the channels were
         scaled to one level for the solver and back. None otherwise.
+    noise_variance : tuple of (float, float) or None
+        ``noise="poisson"``: for each channel, the fitted ``(gain, offset)`` of the noise model
+        ``variance = gain * value + offset`` (input units; a gain of 0 where the channel's noise was
+        found not to grow with the signal). None otherwise.
     history : list of dict
         The progress records without previews.
     final_weight : float or None
@@ -186,6 +191,7 @@ class RestorationResult:
     precision: str = "float32"
     seed: int = 0
     channel_sigmas: tuple | None = None
+    noise_variance: tuple | None = None
 
     @property
     def nlmeans_note(self) -> str:
@@ -233,6 +239,7 @@ class _Scaler:
         self.lo, self.scale = float(lo), float(hi - lo)
         self.dtype = a.dtype
         self.gain = self.mid = None  # per-channel noise whitening (see whiten), (1, C, 1, 1)
+        self.vst = None  # per-channel variance-stabilizing transform (see stabilize)
 
     def forward(self, a):
         return ((a.astype(np.float32) - np.float32(self.lo)) / np.float32(self.scale)).astype(np.float32)
@@ -245,8 +252,57 @@ class _Scaler:
         self.mid = y.mean(axis=(0, 2, 3), keepdims=True, dtype=np.float64).astype(np.float32)
         return ((y - self.mid) * self.gain + self.mid).astype(np.float32)
 
+    def stabilize(self, y: np.ndarray, fits, flat_variance=None) -> tuple[np.ndarray, float]:
+        """Variance-stabilize the normalized ``(S, C, H, W)`` image ``y`` whose noise has the variance
+        ``a * value + b`` in channel ``c`` (``fits[c] = (a, b)``, normalized units).
+
+        The generalized Anscombe transform ``2 sqrt(value / a + 3/8 + b / a**2)`` (unit variance) where
+        the noise grows with the signal; ``value / sqrt(v)`` where it does not (``a <= 0``, or ``a``
+        times the channel's mean under 10 % of its variance), ``v`` being ``flat_variance[c]`` if
+        given (a direct estimate of that noise's variance), else ``b``. The result is shifted per
+        channel and scaled by one factor to about [0, 1]; returns it and its noise level.
+        :meth:`back` and :meth:`unwhiten` undo it (Makitalo and Foi's closed-form approximation of the exact unbiased
+        inverse, which corrects the bias the transform puts on the mean at low counts).
+        """
+        from scipy import ndimage
+
+        C = y.shape[1]
+        gat = np.zeros(C, bool)
+        a = np.ones(C)
+        b = np.ones(C)
+        t = np.empty(y.shape, np.float64)
+        for c, (ac, bc) in enumerate(fits):
+            yc = y[:, c].astype(np.float64)
+            m = float(yc.mean())
+            if ac > 0 and ac * max(m, 0.0) >= 0.1 * (ac * m + bc):
+                gat[c], a[c], b[c] = True, ac, bc
+                t[:, c] = 2.0 * np.sqrt(np.maximum(yc / ac + 0.375 + bc / ac ** 2, 0.0))
+            else:
+                b[c] = max(bc if flat_variance is None else flat_variance[c], 1e-6)
+                t[:, c] = yc / np.sqrt(b[c])
+        smooth = ndimage.gaussian_filter(t, (0, 0, 1.5, 1.5), mode="reflect")
+        lo = np.percentile(smooth, 0.1, axis=(0, 2, 3))
+        scale = float(max(np.max(np.percentile(smooth, 99.9, axis=(0, 2, 3)) - lo), 1e-6))
+        self.vst = dict(gat=gat.reshape(1, -1, 1, 1), a=a.reshape(1, -1, 1, 1), b=b.reshape(1, -1, 1, 1),
+                        lo=lo.reshape(1, -1, 1, 1), scale=scale)
+        return ((t - self.vst["lo"]) / scale).astype(np.float32), 1.0 / scale
+
+    def _unstabilize(self, t: torch.Tensor) -> torch.Tensor:
+        v = self.vst
+        gat, a, b, lo = (torch.from_numpy(np.asarray(v[k])) for k in ("gat", "a", "b", "lo"))
+        # float64 on the CPU (MPS has none): the transform's offsets reach 1e4 and more at small gains
+        dev, dt = t.device, t.dtype
+        tt = t.detach().cpu().to(torch.float64) * v["scale"] + lo
+        d = tt.clamp(min=1.0)
+        r = math.sqrt(1.5)
+        inv = d ** 2 / 4 + 0.25 * r / d - 11 / 8 / d ** 2 + 5 / 8 * r / d ** 3 - 1 / 8
+        return torch.where(gat, a * inv - b / a, tt * b.sqrt()).to(dev, dt)
+
     def unwhiten(self, t: torch.Tensor) -> torch.Tensor:
-        """:meth:`whiten` undone on an internal ``(S, C, H, W)`` tensor (identity without it)."""
+        """:meth:`whiten` or :meth:`stabilize` undone on an internal ``(S, C, H, W)`` tensor
+        (identity without them)."""
+        if self.vst is not None:
+            return self._unstabilize(t)
         if self.gain is None:
             return t
         mid, gain = (torch.from_numpy(v).to(t.device, t.dtype) for v in (self.mid, self.gain))
@@ -257,6 +313,8 @@ class _Scaler:
         maps, taken after :meth:`unwhiten`)."""
         if offset and self.gain is not None:
             t = (t - self.mid) / self.gain + self.mid
+        if offset and self.vst is not None:
+            t = self._unstabilize(torch.from_numpy(np.ascontiguousarray(t))).numpy()
         out = t.astype(np.float32) * np.float32(self.scale)
         if offset:
             out += np.float32(self.lo)
@@ -297,6 +355,7 @@ class RestorationJob:
         self.scaler = scaler
         self.sigma = sigma
         self.channel_sigmas = None  # denoising: per-channel noise levels, where the channels were whitened
+        self.noise_variance = None  # noise="poisson": per-channel (gain, offset), input units
         self._cancelled = False
         #: ``(observed, image)`` in the user's layout: observed entries re-inserted exactly by :meth:`result`.
         self.keep = keep
@@ -357,12 +416,12 @@ class RestorationJob:
             return RestorationResult(image, grads, r.state.iteration, 0, reason, self.sigma,
                                      list(r.state.history), None, method="NL-means", nlmeans_weight=1.0,
                                      start=r.start_name, precision=r.precision, seed=r.opt.seed,
-                                     channel_sigmas=self.channel_sigmas)
+                                     channel_sigmas=self.channel_sigmas, noise_variance=self.noise_variance)
         return RestorationResult(image, grads, r.state.iteration, r.state.best_iteration, reason,
                                  self.sigma, list(r.state.history), r.final_weight(),
                                  method="NGR + NL-means" if alpha > 0 else "NGR", nlmeans_weight=alpha,
                                  start=r.start_name, precision=r.precision, seed=r.opt.seed,
-                                 channel_sigmas=self.channel_sigmas)
+                                 channel_sigmas=self.channel_sigmas, noise_variance=self.noise_variance)
 
 
 def _axes_weights(layout: Layout, spatial_weight, channel_weight, stack_weight) -> dict:
@@ -746,8 +805,11 @@ def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="g
                     spatial_weight=None, channel_weight=None, stack_weight=None, seed=0, device=None,
                     preview_every=0, data_weight=None, destripe=True, **options) -> RestorationJob:
     """Prepare :func:`denoise` without running it; see :func:`denoise` for the parameters."""
-    if noise not in ("gaussian", "mixed"):
-        raise ValueError(f"noise must be 'gaussian' or 'mixed', got {noise!r}")
+    if noise not in ("gaussian", "mixed", "poisson"):
+        raise ValueError(f"noise must be 'gaussian', 'poisson' or 'mixed', got {noise!r}")
+    if noise == "poisson" and sigma is not None:
+        raise ValueError("sigma must be None with noise='poisson': the noise model (variance = gain * value + "
+                         "offset, per channel) is fitted to the image")
     a = _check_image(image)
     layout = resolve_layout(a.shape, channel_axis, axes)
     dev = resolve_device(device)
@@ -770,7 +832,7 @@ def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="g
     if data_weight is not None and not (finite_number(data_weight) and data_weight > 0):
         raise ValueError(f"data_weight must be a positive number, got {data_weight!r}")
     S, C = layout.internal_shape[:2]
-    planar = noise == "gaussian" and S == 1 and C <= BAND_CHANNELS
+    planar = noise != "mixed" and S == 1 and C <= BAND_CHANNELS
     if iterations is None and noise == "mixed":
         iterations = DEFAULTS["denoise"]["mixed_iterations"]
     elif iterations is None and planar:
@@ -789,8 +851,17 @@ def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="g
             s = float(np.sqrt(np.mean(sc ** 2)))
             y = scaler.whiten(y, s / sc)
             channel_sigmas = tuple(float(v) * scaler.scale for v in sc)
+    noise_variance = None
+    if noise == "poisson":  # variance-stabilized: Gaussian noise of one level s in every channel
+        idx = np.linspace(0, S - 1, min(S, 16)).round().astype(int)
+        fits = [fit_noise_variance(y[idx, c]) for c in range(C)]
+        y, s = scaler.stabilize(y, fits, _channel_sigmas_normalized(y) ** 2)
+        sc, lo = scaler.scale, scaler.lo
+        noise_variance = tuple((float(a * sc), float(b * sc ** 2 - a * sc * lo)) if g else (0.0, float(b * sc ** 2))
+                               for g, a, b in zip(scaler.vst["gat"].ravel(), scaler.vst["a"].ravel(),
+                                                  scaler.vst["b"].ravel()))
     yt = torch.from_numpy(y).to(dev)
-    if noise == "gaussian":
+    if noise in ("gaussian", "poisson"):
         if s is None:
             s = max(_estimate_sigma_normalized(y), 1e-3)
         op = Denoising(yt, s, weight=dw)
@@ -798,16 +869,17 @@ def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="g
         op = MixedNoise(yt, s, weight=dw, stripes=bool(destripe))
         s = op.sigma
     r = Restoration(op, weights, opt, device=dev, preview_every=preview_every)
-    job = RestorationJob(r, layout, scaler, sigma=s * scaler.scale)
+    job = RestorationJob(r, layout, scaler, sigma=None if noise == "poisson" else s * scaler.scale)
     job.channel_sigmas = channel_sigmas
+    job.noise_variance = noise_variance
     return job
 
 
 def denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="gaussian", iterations=None,
             spatial_weight=None, channel_weight=None, stack_weight=None, seed=0, device=None, callback=None,
             return_gradients=False, destripe=True, **options):
-    """Remove noise (Gaussian, or mixed with impulses, stripes and dead lines) with the Neural
-    Gradient Regularizer.
+    """Remove noise (Gaussian, shot noise, or mixed with impulses, stripes and dead lines) with the
+    Neural Gradient Regularizer.
 
     Parameters
     ----------
@@ -820,9 +892,17 @@ def denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="gaussian"
         :func:`skimage.restoration.estimate_sigma` taken in intensity bins, so that shot noise is
         measured at its RMS level; for ``noise="mixed"`` one level per plane (band, channel,
         frame) by ``estimate_sigma``, after impulses are set aside. A value above ``MAX_SIGMA``
-        (4) times the image's intensity range is refused as given in other units.
-    noise : {"gaussian", "mixed"}
-        ``"gaussian"``: additive white Gaussian noise. ``"mixed"``: Gaussian noise (its own level in
+        (4) times the image's intensity range is refused as given in other units. Must be None
+        with ``noise="poisson"``, whose noise model is fitted.
+    noise : {"gaussian", "poisson", "mixed"}
+        ``"gaussian"``: additive white Gaussian noise. ``"poisson"``: shot noise, which grows with
+        the signal, plus read noise (photon counts, as in fluorescence microscopy and low-light
+        images): each channel's noise model ``variance = gain * value + offset`` is fitted to the
+        image (:func:`~napari_ngr.operators.fit_noise_variance`, from up to 16 of its planes), the
+        generalized Anscombe transform makes that noise Gaussian of one level, the image is denoised
+        as with ``"gaussian"`` and transformed back (Makitalo and Foi's closed-form unbiased inverse;
+        ``result.noise_variance`` reports the fit). Channels whose noise does not grow with the
+        signal are only scaled. ``"mixed"``: Gaussian noise (its own level in
         every plane) plus sparse and structured noise, as in hyperspectral and push-broom data
         (:class:`~napari_ngr.operators.MixedNoise`): impulses (salt-and-pepper, hot pixels: entries
         farther than 3 sigma from their 3 x 3 median) and dead lines (whole columns or rows stuck at

@@ -286,17 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     mask_options(p_dc, "clouded")
 
     p_dn = sub.add_parser("denoise", formatter_class=_Formatter, epilog=_epilog(masks=False),
-                          help="remove additive Gaussian noise",
-                          description="Remove additive Gaussian noise from images or stacks.")
+                          help="remove Gaussian or shot (Poisson) noise",
+                          description="Remove additive Gaussian noise, shot (Poisson-Gaussian) noise, or mixed noise "
+                                      "from images or stacks.")
     common(p_dn, "denoise")
     g_noise = p_dn.add_argument_group("noise")
     g_noise.add_argument(
         "--sigma", type=_float_gt0, metavar="S",
-        help="noise standard deviation in the input's units (default: estimated per file)")
+        help="Gaussian noise: its standard deviation in the input's units (default: estimated per file)")
     g_noise.add_argument(
-        "--noise", choices=("gaussian", "mixed"), default="gaussian",
-        help="gaussian (default), or mixed: Gaussian (its own level per band) plus impulses "
-             "(salt-and-pepper), stripes and dead lines, as in hyperspectral data")
+        "--noise", choices=("gaussian", "poisson", "mixed"), default="gaussian",
+        help="gaussian (default); poisson: shot noise that grows with the signal (photon counts plus read "
+             "noise, as in fluorescence and low-light images; variance = gain * value + offset, fitted per "
+             "file and channel, stabilized by the generalized Anscombe transform; not with --sigma); or mixed: "
+             "Gaussian (its own level per band) plus impulses (salt-and-pepper), stripes and dead lines, as in "
+             "hyperspectral data")
     g_noise.add_argument(
         "--no-destripe", dest="destripe", action="store_false",
         help="with --noise mixed: do not look for stripes and dead lines (keeps genuine column-wide structure)")
@@ -989,6 +993,8 @@ def _run_one(item: _Item, args, task, device, rep: _Reporter, prefix: str):
     extra = f", sigma {res.sigma:.4g}" if res.sigma is not None else ""
     if getattr(res, "channel_sigmas", None) is not None:  # channels of different noise, whitened
         extra = ", sigma per channel " + " / ".join(f"{v:.4g}" for v in res.channel_sigmas)
+    if getattr(res, "noise_variance", None) is not None:  # --noise poisson: the fitted model, per channel
+        extra = ", noise variance " + " / ".join(f"{g:.4g} * value {o:+.4g}" for g, o in res.noise_variance)
     if res.final_weight is not None:
         extra += f", data weight x{res.final_weight:g}"
     n_grad = sum(1 for k, _ in item.targets if k != "image")
@@ -1112,6 +1118,8 @@ def _run(args) -> int:
         device = resolve_device(args.device)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
+    if task == "denoise" and args.noise == "poisson" and args.sigma is not None:
+        raise _UsageError("--sigma is for Gaussian noise: --noise poisson fits its noise model to each file")
     mask_suffix = getattr(args, "mask_suffix", DEFAULT_MASK_SUFFIX)
     mask_file = getattr(args, "mask", None)
     if mask_file is not None and not os.path.isfile(mask_file):

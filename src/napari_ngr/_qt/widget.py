@@ -377,6 +377,14 @@ class RestoreWidget(QWidget):
                                         "pixels stop improving). auto (0): the library's default for the\n"
                                         "task and the data, e.g. denoising 250 for a single image, 600\n"
                                         "for a stack (napari_ngr.DEFAULTS).")
+        self.noise_combo = QComboBox()
+        self.noise_combo.addItem("Gaussian", "gaussian")
+        self.noise_combo.addItem("Poisson (shot noise)", "poisson")
+        self.noise_combo.setToolTip("Denoising: the noise model.\n"
+                                    "Gaussian: one level everywhere (estimated from the image).\n"
+                                    "Poisson (shot noise): the noise grows with the signal, as in fluorescence and\n"
+                                    "low-light images (photon counts plus read noise); its model, variance = gain x\n"
+                                    "value + offset, is fitted to the image and stabilized before the restoration.")
         self.strength_spin = QDoubleSpinBox()
         self.strength_spin.setRange(0.01, 100.0)
         self.strength_spin.setDecimals(2)
@@ -426,6 +434,7 @@ class RestoreWidget(QWidget):
         axes_row.addWidget(self.axes_hint, 1)
         form.addRow("Axes", axes_row)
         form.addRow("Iterations", self.iterations_spin)
+        form.addRow("Noise", self.noise_combo)
         form.addRow("Strength", self.strength_spin)
         form.addRow("Device", self.device_combo)
         form.addRow("Seed", self.seed_spin)
@@ -447,6 +456,7 @@ class RestoreWidget(QWidget):
         self.task_combo.currentIndexChanged.connect(self._on_task_changed)
         self.iterations_spin.valueChanged.connect(self._save_settings)
         self.strength_spin.valueChanged.connect(self._save_settings)
+        self.noise_combo.currentIndexChanged.connect(self._save_settings)
         self.device_combo.currentIndexChanged.connect(self._on_device_changed)
         self.seed_spin.valueChanged.connect(self._save_settings)
         self.preview_spin.valueChanged.connect(self._save_settings)
@@ -502,6 +512,7 @@ class RestoreWidget(QWidget):
         self.task_combo.blockSignals(False)
         self._load_iterations()
         self.strength_spin.setValue(_setting(s, "strength", 1.0, float))
+        self.noise_combo.setCurrentIndex(max(self.noise_combo.findData(_setting(s, "noise", "gaussian", str)), 0))
         dev = _setting(s, "device", None, str)
         idx = self.device_combo.findData(dev) if dev else -1
         self.device_combo.setCurrentIndex(max(idx, 0))
@@ -519,6 +530,7 @@ class RestoreWidget(QWidget):
         s.setValue("task", self.task)
         s.setValue(f"{self.task}/iterations", int(self.iterations_spin.value()))
         s.setValue("strength", float(self.strength_spin.value()))
+        s.setValue("noise", self.noise_combo.currentData())
         s.setValue("device", self.device)
         s.setValue("seed", int(self.seed_spin.value()))
         s.setValue("preview_every", int(self.preview_spin.value()))
@@ -637,6 +649,7 @@ class RestoreWidget(QWidget):
         masked = self.task in _MASK_TASKS
         self.mask_combo.setEnabled(masked and not self.is_running)
         self.early_stop_check.setEnabled(not self.is_running)
+        self.noise_combo.setEnabled(self.task == "denoise" and not self.is_running)
         self.early_stop_check.setText("held-out pixels" if masked else "held-out pixels / noise level")
         self._load_iterations()
         if save:
@@ -710,6 +723,8 @@ class RestoreWidget(QWidget):
                       spatial_weight=d["spatial_weight"] * s, channel_weight=d["channel_weight"] * s,
                       stack_weight=d["stack_weight"] * s, seed=int(self.seed_spin.value()),
                       device=self.device, preview_every=int(self.preview_spin.value()))
+        if task == "denoise" and self.noise_combo.currentData() != "gaussian":
+            params["noise"] = self.noise_combo.currentData()
         if not self.early_stop_check.isChecked():
             # run the budget: no validation (inpainting: the last iterate), no discrepancy stop and no
             # held-out choice of the returned check or of NL-means (denoising)
@@ -895,6 +910,7 @@ class RestoreWidget(QWidget):
                     best_iteration=int(res.best_iteration), stop_reason=res.stop_reason,
                     sigma=None if res.sigma is None else float(res.sigma),
                     channel_sigmas=None if res.channel_sigmas is None else [float(v) for v in res.channel_sigmas],
+                    noise_variance=None if res.noise_variance is None else [list(v) for v in res.noise_variance],
                     final_weight=res.final_weight, method=res.method, nlmeans_weight=float(res.nlmeans_weight),
                     start=res.start, precision=res.precision, **{k: v for k, v in st.params.items() if k != "device"})
         kw = st.layer_kwargs
@@ -915,6 +931,8 @@ class RestoreWidget(QWidget):
         sigma = f", σ={res.sigma:.3g}" if res.sigma is not None else ""
         if getattr(res, "channel_sigmas", None) is not None:  # channels of different noise, whitened
             sigma = ", σ per channel " + " / ".join(f"{v:.3g}" for v in res.channel_sigmas)
+        if getattr(res, "noise_variance", None) is not None:  # noise="poisson": the fitted model
+            sigma = ", noise variance " + " / ".join(f"{g:.3g}·value{o:+.3g}" for g, o in res.noise_variance)
         if res.final_weight is not None:
             sigma += f", data weight ×{res.final_weight:g}"
         if res.nlmeans_weight >= 1:
@@ -972,7 +990,8 @@ class RestoreWidget(QWidget):
     # ------------------------------------------------------------------ state
     def _set_running(self, text):
         for w in (self.image_combo, self.mask_combo, self.task_combo, self.axes_combo, self.iterations_spin,
-                  self.strength_spin, self.device_combo, self.seed_spin, self.preview_spin, self.early_stop_check):
+                  self.strength_spin, self.noise_combo, self.device_combo, self.seed_spin, self.preview_spin,
+                  self.early_stop_check):
             w.setEnabled(False)
         self.run_button.setText("Cancel")
         self.run_button.setEnabled(True)
@@ -984,6 +1003,7 @@ class RestoreWidget(QWidget):
             w.setEnabled(True)
         self.mask_combo.setEnabled(self.task in _MASK_TASKS)
         self.early_stop_check.setEnabled(True)
+        self.noise_combo.setEnabled(self.task == "denoise")
         self.run_button.setText("Run")
         self.run_button.setEnabled(True)
         if text is not None:
