@@ -53,8 +53,10 @@ def measure(label, gt, noisy, true_gain, **kw):
     res = napari_ngr.prepare_denoise(noisy, noise="poisson", **kw).run()
     t_p = time.perf_counter() - t
     gains = " / ".join(f"{g:.3g}" for g, _ in res.noise_variance)
-    print(f"| {label} | {_psnr(gt, noisy):.2f} | {_psnr(gt, gauss):.2f} | **{_psnr(gt, res.image):.2f}** | "
-          f"{gains} ({true_gain}) | {res.method} | {t_g:.0f} / {t_p:.0f} |", flush=True)
+    pg, pp = _psnr(gt, gauss), _psnr(gt, res.image)
+    cells = [f"**{v:.2f}**" if v == max(pg, pp) else f"{v:.2f}" for v in (pg, pp)]  # the better one in bold
+    print(f"| {label} | {_psnr(gt, noisy):.2f} | {cells[0]} | {cells[1]} | {gains} ({true_gain}) | {res.method} | "
+          f"{t_g:.0f} / {t_p:.0f} |", flush=True)
 
 
 def main():
