@@ -114,3 +114,14 @@ def test_poisson_argument_errors(gray48):
         napari_ngr.denoise(gray48, noise="shot", iterations=2)
     with pytest.raises(ValueError, match="too few pixels"):
         napari_ngr.denoise(gray48[:16, :16], noise="poisson", iterations=2)
+
+
+def test_noise_free_images_through_the_poisson_model_come_back():
+    """A noise-free ramp fits a vanishing gain (1e-33 here before the floor): it must be scaled,
+    not transformed (the transform's offsets would swamp float precision), and come back intact."""
+    ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))
+    job = napari_ngr.prepare_denoise(ramp, noise="poisson", iterations=3)
+    assert job.noise_variance[0][0] == 0.0
+    np.testing.assert_allclose(job.run().image, ramp, atol=1e-3)
+    flat = np.full((40, 40), 7.0, np.float32)
+    np.testing.assert_allclose(napari_ngr.denoise(flat, noise="poisson", iterations=3), flat, atol=1e-3)

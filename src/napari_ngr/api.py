@@ -258,7 +258,7 @@ class _Scaler:
 
         The generalized Anscombe transform ``2 sqrt(value / a + 3/8 + b / a**2)`` (unit variance) where
         the noise grows with the signal; ``value / sqrt(v)`` where it does not (``a <= 0``, or ``a``
-        times the channel's mean under 10 % of its variance), ``v`` being ``flat_variance[c]`` if
+        times the channel's mean under 10 % of its variance or under 1e-8, a noise-free image), ``v`` being ``flat_variance[c]`` if
         given (a direct estimate of that noise's variance), else ``b``. The result is shifted per
         channel and scaled by one factor to about [0, 1]; returns it and its noise level.
         :meth:`back` and :meth:`unwhiten` undo it (Makitalo and Foi's closed-form approximation of the exact unbiased
@@ -274,7 +274,8 @@ class _Scaler:
         for c, (ac, bc) in enumerate(fits):
             yc = y[:, c].astype(np.float64)
             m = float(yc.mean())
-            if ac > 0 and ac * max(m, 0.0) >= 0.1 * (ac * m + bc):
+            # the shot part: at least 10 % of the variance at the mean, and a noise of 1e-4 of the range
+            if ac > 0 and ac * max(m, 0.0) >= max(0.1 * (ac * m + bc), 1e-8):
                 gat[c], a[c], b[c] = True, ac, bc
                 t[:, c] = 2.0 * np.sqrt(np.maximum(yc / ac + 0.375 + bc / ac ** 2, 0.0))
             else:
