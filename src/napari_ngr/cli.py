@@ -126,6 +126,7 @@ examples:
   napari-ngr denoise stack.ome.tif --sigma 12 --device cuda -o stack_dn.ome.tif
   napari-ngr denoise data/ --output-dir denoised/ --dtype float32 --quiet
   napari-ngr denoise rgb.npy --channel-axis -1 --seed 1 -o rgb_dn.npy
+  napari-ngr denoise nuclei.tif --noise poisson -o nuclei_dn.tif   # shot noise (photon counts)
   python -m napari_ngr --version
 """
 
