@@ -258,8 +258,9 @@ class _Scaler:
 
         The generalized Anscombe transform ``2 sqrt(value / a + 3/8 + b / a**2)`` (unit variance) where
         the noise grows with the signal; ``value / sqrt(v)`` where it does not (``a <= 0``, or ``a``
-        times the channel's mean under 10 % of its variance or under 1e-8, a noise-free image), ``v`` being ``flat_variance[c]`` if
-        given (a direct estimate of that noise's variance), else ``b``. The result is shifted per
+        times the channel's mean under 10 % of its variance or under 1e-8, a noise-free image), ``v``
+        being ``flat_variance(c)`` if given (a direct estimate of that noise's variance, asked only
+        for such channels), else ``b``. The result is shifted per
         channel and scaled by one factor to about [0, 1]; returns it and its noise level.
         :meth:`back` and :meth:`unwhiten` undo it (Makitalo and Foi's closed-form approximation of the exact unbiased
         inverse, which corrects the bias the transform puts on the mean at low counts).
@@ -279,7 +280,7 @@ class _Scaler:
                 gat[c], a[c], b[c] = True, ac, bc
                 t[:, c] = 2.0 * np.sqrt(np.maximum(yc / ac + 0.375 + bc / ac ** 2, 0.0))
             else:
-                b[c] = max(bc if flat_variance is None else flat_variance[c], 1e-6)
+                b[c] = max(bc if flat_variance is None else flat_variance(c), 1e-6)
                 t[:, c] = yc / np.sqrt(b[c])
         smooth = ndimage.gaussian_filter(t, (0, 0, 1.5, 1.5), mode="reflect")
         lo = np.percentile(smooth, 0.1, axis=(0, 2, 3))
@@ -287,6 +288,13 @@ class _Scaler:
         self.vst = dict(gat=gat.reshape(1, -1, 1, 1), a=a.reshape(1, -1, 1, 1), b=b.reshape(1, -1, 1, 1),
                         lo=lo.reshape(1, -1, 1, 1), scale=scale)
         return ((t - self.vst["lo"]) / scale).astype(np.float32), 1.0 / scale
+
+    def noise_variance(self) -> tuple:
+        """After :meth:`stabilize`: ``(gain, offset)`` of ``variance = gain * value + offset`` per
+        channel, in the input's units (gain 0 for a channel that was only scaled)."""
+        v, sc, lo = self.vst, self.scale, self.lo
+        return tuple((float(a * sc), float(b * sc ** 2 - a * sc * lo)) if g else (0.0, float(b * sc ** 2))
+                     for g, a, b in zip(v["gat"].ravel(), v["a"].ravel(), v["b"].ravel()))
 
     def _unstabilize(self, t: torch.Tensor) -> torch.Tensor:
         v = self.vst
@@ -794,12 +802,17 @@ def _estimate_sigma_normalized(y: np.ndarray) -> float:
 CHANNEL_SIGMA_RATIO = 1.5
 
 
-def _channel_sigmas_normalized(y: np.ndarray) -> np.ndarray:
-    """:func:`~napari_ngr.operators.noise_rms` of every channel of ``(S, C, H, W)``: the median over
+def _channel_sigma_normalized(y: np.ndarray, c: int) -> float:
+    """:func:`~napari_ngr.operators.noise_rms` of channel ``c`` of ``(S, C, H, W)``: the median over
     (up to 16) of its planes."""
-    S, C = y.shape[:2]
+    S = y.shape[0]
     idx = np.linspace(0, S - 1, min(S, 16)).round().astype(int)
-    return np.array([np.median([noise_rms(y[i, c]) for i in idx]) for c in range(C)], dtype=np.float64)
+    return float(np.median([noise_rms(y[i, c]) for i in idx]))
+
+
+def _channel_sigmas_normalized(y: np.ndarray) -> np.ndarray:
+    """:func:`_channel_sigma_normalized` of every channel."""
+    return np.array([_channel_sigma_normalized(y, c) for c in range(y.shape[1])], dtype=np.float64)
 
 
 def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="gaussian", iterations=None,
@@ -856,11 +869,9 @@ def prepare_denoise(image, *, channel_axis=None, axes=None, sigma=None, noise="g
     if noise == "poisson":  # variance-stabilized: Gaussian noise of one level s in every channel
         idx = np.linspace(0, S - 1, min(S, 16)).round().astype(int)
         fits = [fit_noise_variance(y[idx, c]) for c in range(C)]
-        y, s = scaler.stabilize(y, fits, _channel_sigmas_normalized(y) ** 2)
-        sc, lo = scaler.scale, scaler.lo
-        noise_variance = tuple((float(a * sc), float(b * sc ** 2 - a * sc * lo)) if g else (0.0, float(b * sc ** 2))
-                               for g, a, b in zip(scaler.vst["gat"].ravel(), scaler.vst["a"].ravel(),
-                                                  scaler.vst["b"].ravel()))
+        flat = y  # a channel without shot noise is scaled by its Gaussian level, as below
+        y, s = scaler.stabilize(y, fits, lambda c: _channel_sigma_normalized(flat, c) ** 2)
+        noise_variance = scaler.noise_variance()
     yt = torch.from_numpy(y).to(dev)
     if noise in ("gaussian", "poisson"):
         if s is None:

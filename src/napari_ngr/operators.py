@@ -1142,6 +1142,39 @@ def estimate_stripes(y: np.ndarray, exclude: np.ndarray | None = None, *, width:
     return stripes.astype(np.float32)
 
 
+def _diagonal_mad_bins(planes, bins: int, min_bins: int = 1, min_count: int = 1):
+    """The finest diagonal db2 wavelet coefficients (nonzero ones) of 2-D ``planes``, in bins of local
+    intensity (quantiles of the approximation band smoothed over 3 x 3; at most ``bins``, at least
+    ``min_bins``, about 64 coefficients each): for every bin with ``min_count`` or more of them, its
+    median level (the approximation band's units: twice the image's for db2 in 2-D), MAD variance
+    ``(median |d| / 0.6745)**2`` and count, as three arrays. Also returns how many nonzero
+    coefficients there were."""
+    import pywt
+    from scipy import ndimage
+
+    levels, dets = [], []
+    for p in planes:
+        approx, (_, _, diag) = pywt.dwt2(np.asarray(p, dtype=np.float64), "db2")
+        levels.append(ndimage.uniform_filter(approx, 3).ravel())
+        dets.append(np.abs(diag.ravel()))
+    level, d = np.concatenate(levels), np.concatenate(dets)
+    keep = d > 0
+    level, d = level[keep], d[keep]
+    out = ([], [], [])
+    if d.size:
+        bins = int(max(min_bins, min(bins, d.size // 64)))
+        edges = np.quantile(level, np.linspace(0.0, 1.0, bins + 1))
+        idx = np.clip(np.searchsorted(edges, level, side="right") - 1, 0, bins - 1)
+        for b in range(bins):
+            sel = idx == b
+            n = int(sel.sum())
+            if n >= min_count:
+                out[0].append(np.median(level[sel]))
+                out[1].append((np.median(d[sel]) / 0.6744897501960817) ** 2)
+                out[2].append(n)
+    return tuple(np.asarray(v, dtype=np.float64) for v in out) + (d.size,)
+
+
 def noise_rms(plane: np.ndarray, bins: int = 8) -> float:
     """RMS noise level of one 2-D plane, robust to edges and texture, right for shot noise too.
 
@@ -1155,26 +1188,8 @@ def noise_rms(plane: np.ndarray, bins: int = 8) -> float:
     a denoiser carries, where one global median gives a lower, median-intensity level
     (fluorescence Z-stack sample: 3.43 counts, true RMS 3.43, ``estimate_sigma`` 3.08).
     """
-    import pywt
-    from scipy import ndimage
-
-    approx, (_, _, diag) = pywt.dwt2(np.asarray(plane, dtype=np.float64), "db2")
-    level = ndimage.uniform_filter(approx, 3).ravel()
-    d = np.abs(diag.ravel())
-    keep = d > 0
-    d, level = d[keep], level[keep]
-    if d.size == 0:
-        return 0.0
-    bins = int(max(1, min(bins, d.size // 64)))
-    edges = np.quantile(level, np.linspace(0.0, 1.0, bins + 1))
-    idx = np.clip(np.searchsorted(edges, level, side="right") - 1, 0, bins - 1)
-    var, n = 0.0, 0
-    for b in range(bins):
-        sel = d[idx == b]
-        if sel.size:
-            var += sel.size * (np.median(sel) / 0.6744897501960817) ** 2
-            n += sel.size
-    return float(np.sqrt(var / n))
+    _, var, n, total = _diagonal_mad_bins([plane], bins)
+    return float(np.sqrt(np.sum(n * var) / np.sum(n))) if total else 0.0
 
 
 def fit_noise_variance(planes, bins: int = 16) -> tuple[float, float]:
@@ -1194,34 +1209,15 @@ def fit_noise_variance(planes, bins: int = 16) -> tuple[float, float]:
     ValueError
         Too few nonzero coefficients (at least 128, about a 24 x 24 plane) for two bins.
     """
-    import pywt
-    from scipy import ndimage
-
-    levels, dets = [], []
-    for p in planes:
-        approx, (_, _, diag) = pywt.dwt2(np.asarray(p, dtype=np.float64), "db2")
-        levels.append(ndimage.uniform_filter(approx, 3).ravel() / 2.0)  # db2's 2-D low pass has gain 2
-        dets.append(np.abs(diag.ravel()))
-    level, d = np.concatenate(levels), np.concatenate(dets)
-    keep = d > 0
-    level, d = level[keep], d[keep]
-    if d.size < 128:
-        raise ValueError(f"too few pixels to fit a signal-dependent noise model ({d.size} nonzero wavelet "
+    level, var, n, total = _diagonal_mad_bins(planes, bins, min_bins=2, min_count=32)
+    if total < 128:
+        raise ValueError(f"too few pixels to fit a signal-dependent noise model ({total} nonzero wavelet "
                          "coefficients, at least 128 needed: planes of about 24 x 24 pixels or more)")
-    bins = int(max(2, min(bins, d.size // 64)))
-    edges = np.quantile(level, np.linspace(0.0, 1.0, bins + 1))
-    idx = np.clip(np.searchsorted(edges, level, side="right") - 1, 0, bins - 1)
-    rows, rhs = [], []
-    for b in range(bins):
-        sel = idx == b
-        n = int(sel.sum())
-        if n >= 32:
-            w = np.sqrt(n)
-            rows.append([w * np.median(level[sel]), w])
-            rhs.append(w * (np.median(d[sel]) / 0.6744897501960817) ** 2)
-    if len(rows) < 2:
-        return 0.0, float(np.median(d) / 0.6744897501960817) ** 2
-    a, b = np.linalg.lstsq(np.asarray(rows), np.asarray(rhs), rcond=None)[0]
+    if len(n) < 2:
+        return 0.0, float(np.sum(n * var) / max(np.sum(n), 1))
+    w = np.sqrt(n)
+    rows = np.stack([w * level / 2.0, w], axis=1)  # db2's 2-D low pass has gain 2
+    a, b = np.linalg.lstsq(rows, w * var, rcond=None)[0]
     return float(a), float(b)
 
 
